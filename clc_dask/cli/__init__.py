@@ -1,0 +1,69 @@
+"""The ``clc-dask`` command line: one sub-command per stage.
+
+Only the CLI configures logging and prints; library modules log. Any
+:class:`~clc_dask.errors.ClcDaskError` becomes a one-line ``Error: …`` and exit code 1;
+unknown commands or options exit with 2 (click's usage error).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import typer
+
+from clc_dask.errors import ClcDaskError
+
+app = typer.Typer(
+    name="clc-dask",
+    help="CORINE Land Cover maps from Sentinel-2 with U-Net, at country scale on Dask.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+#: Sub-command modules, in pipeline order; each defines ``register(app)``.
+COMMAND_MODULES = (
+    "demo", "search", "mosaic", "labels", "patches", "train", "predict", "evaluate", "generalize", "run",
+)
+
+
+@app.callback()
+def _main(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-v info, -vv debug)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose < 2:
+        for noisy in ("distributed", "rasterio", "urllib3", "fiona", "pyogrio", "botocore"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"clc_dask.cli.{_name}").register(app)
+
+
+def main() -> None:
+    """Entry point: run the app, turning clc-dask errors into one clear line and exit 1."""
+    try:
+        app(standalone_mode=False)
+    except ClcDaskError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("Aborted.", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        # click's usage errors (unknown command/option, bad value): typer vendors click,
+        # so recognise them by their interface rather than their import path.
+        if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,107 @@
+"""Make or connect the Dask cluster: one function for notebooks, the CLI and runs.
+
+Order: an explicit address (or ``DASK_SCHEDULER_ADDRESS``) → a ``LocalCUDACluster`` with one
+worker per GPU where GPUs and dask-cuda exist → a CPU ``LocalCluster``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Literal
+
+from distributed import Client, LocalCluster
+
+from clc_dask.errors import ClcDaskError, ConfigError
+
+log = logging.getLogger(__name__)
+
+ClusterKind = Literal["auto", "local", "address", "cuda"]
+#: Resource name carried by inference tasks and advertised by GPU workers.
+GPU_RESOURCE = "GPU"
+
+
+def gpu_count() -> int:
+    """Number of CUDA devices visible to this process (0 without torch/CUDA)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def get_client(
+    address: str | None = None,
+    kind: ClusterKind = "auto",
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | None = None,
+    dashboard_address: str | None = ":0",
+) -> Client:
+    """Connect to a scheduler or start a local (CUDA) cluster, and return its client.
+
+    Args:
+        address: scheduler address (``tcp://host:8786``); default ``DASK_SCHEDULER_ADDRESS``.
+        kind: ``auto`` picks address → CUDA → CPU; force one with ``local``/``cuda``/``address``.
+        n_workers: local workers (CPU default: one per 2 cores; CUDA: one per GPU).
+        threads_per_worker: threads per local worker (CUDA workers always use 1).
+        memory_limit: per local worker, e.g. ``"4GiB"``.
+        dashboard_address: where the dashboard listens (``":0"`` = a free port; None = off).
+    """
+    address = address or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if kind == "address" and not address:
+        raise ConfigError("cluster kind 'address' needs an address or DASK_SCHEDULER_ADDRESS.")
+    if address and kind in ("auto", "address"):
+        log.info("connecting to scheduler at %s", address)
+        try:
+            return Client(address, timeout="30s")
+        except OSError as exc:
+            raise ClcDaskError(
+                f"Cannot reach the Dask scheduler at {address}: {exc}. Check the address "
+                "(or unset DASK_SCHEDULER_ADDRESS to start a local cluster)."
+            ) from exc
+    gpus = gpu_count()
+    if kind == "cuda" or (kind == "auto" and gpus > 0):
+        return Client(_local_cuda_cluster(gpus, memory_limit, dashboard_address))
+    cores = os.cpu_count() or 1
+    if n_workers is None:
+        n_workers = max(1, cores // 2) if threads_per_worker is None else max(1, cores // threads_per_worker)
+    if threads_per_worker is None:
+        threads_per_worker = max(1, cores // n_workers)
+    cluster = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        memory_limit=memory_limit or "auto",
+        dashboard_address=dashboard_address,
+        processes=True,
+    )
+    log.info("started LocalCluster: %d worker(s) × %d thread(s); dashboard %s",
+             n_workers, threads_per_worker, cluster.dashboard_link)
+    return Client(cluster)
+
+
+def _local_cuda_cluster(gpus: int, memory_limit: str | None, dashboard_address: str | None) -> LocalCluster:
+    """A dask-cuda cluster, one single-threaded worker per GPU, advertising the GPU resource."""
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as exc:
+        raise ClcDaskError(
+            "A CUDA cluster needs dask-cuda: install clc-dask with the gpu extra "
+            "(pip install 'clc-dask[gpu]'), or use kind='local'."
+        ) from exc
+    if gpus == 0:
+        raise ClcDaskError("kind='cuda' but no CUDA device is visible: check CUDA_VISIBLE_DEVICES and drivers.")
+    cluster = LocalCUDACluster(
+        threads_per_worker=1,
+        memory_limit=memory_limit or "auto",
+        dashboard_address=dashboard_address,
+        resources={GPU_RESOURCE: 1},
+    )
+    log.info("started LocalCUDACluster with %d GPU worker(s); dashboard %s", gpus, cluster.dashboard_link)
+    return cluster
+
+
+def has_gpu_workers(client: Client) -> bool:
+    """True if any worker of ``client`` advertises the ``GPU`` resource."""
+    info = client.scheduler_info()
+    return any(GPU_RESOURCE in w.get("resources", {}) for w in info.get("workers", {}).values())

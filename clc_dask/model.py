@@ -1,0 +1,234 @@
+"""U-Net models with ResNet encoders, and safe, self-describing checkpoints.
+
+One factory (:func:`build_model`) wraps ``segmentation_models_pytorch``. A checkpoint holds
+the weights *and* what is needed to use them correctly: band order, input normalisation,
+the class table, and the config that trained it. Checkpoints are written atomically and
+loaded with ``torch.load(weights_only=True)``: a file carrying pickled Python objects is
+refused (CVE-2025-32434).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from clc_dask.classes import ClassTable
+from clc_dask.errors import CheckpointError, ConfigError
+from clc_dask.rasters import atomic_path
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "clc-dask-checkpoint"
+CHECKPOINT_VERSION = 1
+#: Encoders offered: small ones for CPUs, the paper's ResNet50/101 for GPUs.
+ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101")
+#: Sentinel-2 L2A reflectance = DN × 1e-4 (after harmonisation).
+REFLECTANCE_SCALE = 1e-4
+
+
+def build_model(encoder: str, in_channels: int, n_classes: int, encoder_weights: str | None = None) -> nn.Module:
+    """A U-Net with a ResNet encoder.
+
+    Args:
+        encoder: one of :data:`ENCODERS` (paper: resnet50, resnet101).
+        in_channels: number of input bands (3 for RGB/NRG, 4 for all bands).
+        n_classes: number of output classes (the class table's length).
+        encoder_weights: ``"imagenet"`` to start from pretrained weights (needs internet the
+            first time, then the Hugging Face cache), or None for random initialisation.
+            When ImageNet weights cannot be reached the model falls back to None and says so.
+    """
+    import segmentation_models_pytorch as smp
+
+    if encoder not in ENCODERS:
+        raise ConfigError(f"Unknown encoder {encoder!r}: choose one of {', '.join(ENCODERS)}.")
+    if encoder_weights not in (None, "imagenet"):
+        raise ConfigError(f"encoder_weights must be 'imagenet' or None, not {encoder_weights!r}.")
+    try:
+        model = smp.create_model("unet", encoder_name=encoder, encoder_weights=encoder_weights,
+                                 in_channels=in_channels, classes=n_classes)
+    except Exception as exc:  # no network / no cache: huggingface_hub and urllib raise many types
+        if encoder_weights is None:
+            raise
+        log.warning("ImageNet weights for %s could not be loaded (%s); using random initialisation "
+                    "(encoder_weights=None).", encoder, type(exc).__name__)
+        model = smp.create_model("unet", encoder_name=encoder, encoder_weights=None,
+                                 in_channels=in_channels, classes=n_classes)
+        model.encoder_weights_used = None  # type: ignore[attr-defined]
+        return model
+    log.info("built U-Net/%s with encoder_weights=%s, %d input band(s), %d classes",
+             encoder, encoder_weights, in_channels, n_classes)
+    model.encoder_weights_used = encoder_weights  # type: ignore[attr-defined]
+    return model
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-band input normalisation in reflectance units: ``(DN*scale - mean) / std``."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float = REFLECTANCE_SCALE
+
+    def apply(self, dn: torch.Tensor) -> torch.Tensor:
+        """uint16 DN (N, C, H, W) → float32 model input; no-data (0) stays 0 after scaling."""
+        x = dn.to(torch.float32) * self.scale
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        valid = (dn > 0).any(dim=1, keepdim=True)
+        return torch.where(valid, (x - mean) / std, torch.zeros_like(x))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mean": list(self.mean), "std": list(self.std), "scale": self.scale}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Normalization:
+        return cls(tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]),
+                   float(data.get("scale", REFLECTANCE_SCALE)))
+
+
+@dataclass
+class Checkpoint:
+    """Everything needed to use (or resume training of) a trained model."""
+
+    encoder: str
+    bands: tuple[str, ...]
+    classes: ClassTable
+    normalization: Normalization
+    state_dict: dict[str, torch.Tensor]
+    config: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    optimizer_state: dict[str, Any] | None = None
+    rng_state: dict[str, Any] | None = None
+    encoder_weights: str | None = None
+    package_version: str = ""
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.bands)
+
+    def build_model(self, device: str | torch.device = "cpu") -> nn.Module:
+        """The model with these weights, in eval mode on ``device``."""
+        model = build_model(self.encoder, self.in_channels, len(self.classes), encoder_weights=None)
+        model.load_state_dict(self.state_dict)
+        return model.to(device).eval()
+
+    def check_compatible(self, bands: Sequence[str] | None = None, classes: ClassTable | None = None) -> None:
+        """Raise :class:`CheckpointError` naming the mismatch if data and model disagree."""
+        if bands is not None and tuple(bands) != self.bands:
+            raise CheckpointError(
+                f"The checkpoint was trained on bands {list(self.bands)} but the input has "
+                f"{list(bands)}: make a mosaic with the same composite (e.g. --composite "
+                f"{composite_name(self.bands)}) or use a checkpoint trained on these bands."
+            )
+        if classes is not None and classes != self.classes:
+            raise CheckpointError(
+                f"The checkpoint predicts Level-{self.classes.level} classes {list(self.classes.codes)} "
+                f"but Level-{classes.level} classes {list(classes.codes)} were asked for: "
+                "use a checkpoint trained on these classes or change the class level/codes."
+            )
+
+    def to_payload(self) -> dict[str, Any]:
+        from clc_dask import __version__
+
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "package_version": self.package_version or __version__,
+            "model": {"arch": "unet", "encoder": self.encoder, "in_channels": self.in_channels,
+                      "n_classes": len(self.classes), "encoder_weights": self.encoder_weights},
+            "bands": list(self.bands),
+            "classes": {"level": self.classes.level, "records": self.classes.as_records()},
+            "normalization": self.normalization.as_dict(),
+            "config": self.config,
+            "epoch": self.epoch,
+            "history": self.history,
+            "state_dict": self.state_dict,
+            "optimizer": self.optimizer_state,
+            "rng": self.rng_state,
+        }
+
+
+def composite_name(bands: Sequence[str]) -> str:
+    """'rgb', 'nrg', 'all' or a comma list for a band order."""
+    known = {("B04", "B03", "B02"): "rgb", ("B08", "B04", "B03"): "nrg", ("B02", "B03", "B04", "B08"): "all"}
+    return known.get(tuple(bands), ",".join(bands))
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Path:
+    """Write a checkpoint atomically (temp file, fsync, rename): a kill never corrupts it."""
+    path = Path(path)
+    with atomic_path(path, suffix=".pt") as tmp:
+        torch.save(checkpoint.to_payload(), tmp)
+    log.info("saved checkpoint %s (epoch %d)", path, checkpoint.epoch)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint safely (``weights_only=True``); pickled payloads are refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {path} does not exist: check --checkpoint.")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "pickle" in str(exc).lower():
+            raise CheckpointError(
+                f"Refusing checkpoint {path}: it contains pickled Python objects, which could run "
+                "arbitrary code when loaded. Re-save it with clc-dask (tensors and plain values only)."
+            ) from None
+        raise CheckpointError(f"Cannot read checkpoint {path}: {exc}. Is it a clc-dask .pt file?") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a clc-dask checkpoint (no '{CHECKPOINT_FORMAT}' header).")
+    if payload.get("version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {payload['version']}; upgrade clc-dask to read it.")
+    cls = payload["classes"]
+    return Checkpoint(
+        encoder=payload["model"]["encoder"],
+        bands=tuple(payload["bands"]),
+        classes=ClassTable.from_records(int(cls["level"]), cls["records"]),
+        normalization=Normalization.from_dict(payload["normalization"]),
+        state_dict=payload["state_dict"],
+        config=payload.get("config") or {},
+        epoch=int(payload.get("epoch", 0)),
+        history=list(payload.get("history") or []),
+        optimizer_state=payload.get("optimizer"),
+        rng_state=payload.get("rng"),
+        encoder_weights=payload["model"].get("encoder_weights"),
+        package_version=str(payload.get("package_version", "")),
+    )
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file (checkpoint identity for caches and provenance)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(functools.partial(fh.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def band_statistics(samples: np.ndarray, scale: float = REFLECTANCE_SCALE) -> Normalization:
+    """Per-band mean/std (reflectance) of valid (non-zero) pixels of a (N, C, H, W) or (C, H, W) array."""
+    arr = np.asarray(samples)
+    if arr.ndim == 3:
+        arr = arr[None]
+    valid = (arr > 0).any(axis=1)
+    means, stds = [], []
+    for band in range(arr.shape[1]):
+        values = arr[:, band][valid].astype(np.float64) * scale
+        if values.size == 0:
+            raise ConfigError("No valid (non-zero) pixels to compute band statistics from.")
+        means.append(float(values.mean()))
+        stds.append(float(max(values.std(), 1e-6)))
+    return Normalization(tuple(means), tuple(stds), scale)
