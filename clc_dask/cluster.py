@@ -37,6 +37,7 @@ def get_client(
     threads_per_worker: int | None = None,
     memory_limit: str | None = None,
     dashboard_address: str | None = ":0",
+    connect_timeout: str = "30s",
 ) -> Client:
     """Connect to a scheduler or start a local (CUDA) cluster, and return its client.
 
@@ -47,6 +48,7 @@ def get_client(
         threads_per_worker: threads per local worker (CUDA workers always use 1).
         memory_limit: per local worker, e.g. ``"4GiB"``.
         dashboard_address: where the dashboard listens (``":0"`` = a free port; None = off).
+        connect_timeout: how long to wait for a remote scheduler.
     """
     address = address or os.environ.get("DASK_SCHEDULER_ADDRESS")
     if kind == "address" and not address:
@@ -54,7 +56,7 @@ def get_client(
     if address and kind in ("auto", "address"):
         log.info("connecting to scheduler at %s", address)
         try:
-            return Client(address, timeout="30s")
+            return Client(address, timeout=connect_timeout)
         except OSError as exc:
             raise ClcDaskError(
                 f"Cannot reach the Dask scheduler at {address}: {exc}. Check the address "
