@@ -1,0 +1,274 @@
+"""Seasonal cloud-free mosaics: SCL-masked, harmonised, per-pixel median over time.
+
+For each pixel and band the mosaic is the median of the *clear* observations of the
+season: dates whose SCL class is not no-data (0), saturated/defective (1), cloud shadow
+(3), medium/high-probability cloud (8, 9), thin cirrus (10) — and snow (11) if asked —
+and whose DN is not 0. Each date's harmonisation offset (``boa_offset``, 1000 DN for
+baseline ≥ 04.00 scenes still holding it) is subtracted first, so every scene means
+reflectance = DN / 10000. Values stay uint16 throughout (never float64): the median is
+computed by sorting DN within each block. An even number of clear dates gives the mean of
+the two middle values, rounded half up. Pixels without any clear date are 0 (no data).
+
+Everything is lazy until :func:`write_mosaic` (COG or Zarr, written atomically).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from clc_dask.errors import ConfigError, InputError, OutputError
+from clc_dask.items import SCL_BAND
+from clc_dask.rasters import check_writable, geobox_of, to_dataarray, write_geotiff
+
+log = logging.getLogger(__name__)
+
+Composite = Literal["rgb", "nrg", "all"]
+#: Band order of each composite.
+COMPOSITES: dict[str, tuple[str, ...]] = {
+    "rgb": ("B04", "B03", "B02"),
+    "nrg": ("B08", "B04", "B03"),
+    "all": ("B02", "B03", "B04", "B08"),
+}
+#: SCL classes that never count as a clear observation.
+MASKED_SCL_CLASSES: tuple[int, ...] = (0, 1, 3, 8, 9, 10)
+SNOW_SCL_CLASS = 11
+NODATA = 0
+_INVALID = np.iinfo(np.uint16).max  # sorts after every valid DN
+
+
+def composite_bands(composite: str) -> tuple[str, ...]:
+    """Band names of a composite (``rgb`` → B04, B03, B02; ``nrg`` → B08, B04, B03; ``all``)."""
+    try:
+        return COMPOSITES[composite]
+    except KeyError:
+        raise ConfigError(f"Unknown composite {composite!r}: use one of {', '.join(COMPOSITES)}.") from None
+
+
+def masked_classes(mask_snow: bool = False) -> tuple[int, ...]:
+    """SCL classes treated as not clear (snow/ice added when ``mask_snow``)."""
+    return MASKED_SCL_CLASSES + ((SNOW_SCL_CLASS,) if mask_snow else ())
+
+
+def seasonal_mosaic(
+    scenes: xr.DataArray, composite: Composite = "nrg", mask_snow: bool = False
+) -> xr.Dataset:
+    """The median of clear, harmonised observations per pixel, lazily.
+
+    Args:
+        scenes: ``(time, band, y, x)`` uint16 from :func:`clc_dask.load.load_scenes`, with
+            the composite's bands and ``SCL``, and a ``boa_offset`` coordinate (DN per date).
+        composite: ``rgb`` (B04, B03, B02), ``nrg`` (B08, B04, B03) or ``all`` (B02…B08).
+        mask_snow: also treat SCL snow/ice (11) as not clear (off by default: snow is
+            a land-cover signal in April mosaics).
+
+    Returns:
+        Dataset on the scenes' grid with ``reflectance`` ``(band, y, x)`` uint16 (DN =
+        reflectance × 10000, 0 = no clear observation) and ``clear_count`` ``(y, x)``
+        (uint8, or uint16 beyond 255 dates): the number of dates with a clear SCL class.
+    """
+    bands = composite_bands(composite)
+    _check_scenes(scenes, bands)
+    gbox = geobox_of(scenes)
+    data = scenes.data if isinstance(scenes.data, da.Array) else da.from_array(scenes.data)
+    if data.numblocks[0] != 1:
+        log.warning("scenes are chunked along time: rechunking to one time chunk for the median")
+        data = data.rechunk({0: -1})
+    band_index = {str(b): i for i, b in enumerate(scenes["band"].values)}
+    refl = da.concatenate([data[:, band_index[b]:band_index[b] + 1] for b in bands], axis=1)
+    scl = data[:, band_index[SCL_BAND]:band_index[SCL_BAND] + 1]
+    offsets = np.asarray(scenes["boa_offset"].values, dtype=np.uint16).reshape(-1)
+    classes = np.asarray(masked_classes(mask_snow), dtype=np.uint16)
+    n_dates = scenes.sizes["time"]
+    count_dtype = np.dtype(np.uint8 if n_dates <= np.iinfo(np.uint8).max else np.uint16)
+
+    median = da.blockwise(
+        _median_block, "byx",
+        refl, "tbyx",
+        scl, "tcyx",
+        offsets, None,
+        classes, None,
+        dtype=np.uint16,
+        concatenate=True,
+        name="clear-median",
+    )
+    count = da.blockwise(
+        _clear_count_block, "yx",
+        scl, "tcyx",
+        classes, None,
+        count_dtype, None,
+        dtype=count_dtype,
+        concatenate=True,
+        name="clear-count",
+    )
+    reflectance = to_dataarray(median, gbox, band_names=list(bands), name="reflectance", nodata=NODATA)
+    reflectance.attrs.update(units="DN (surface reflectance × 10000)", composite=composite)
+    clear_count = to_dataarray(count, gbox, name="clear_count", nodata=None)
+    clear_count.attrs.update(units="dates", masked_scl_classes=list(map(int, classes)))
+    dataset = xr.Dataset({"reflectance": reflectance, "clear_count": clear_count})
+    dataset.attrs.update(composite=composite, n_dates=n_dates,
+                         masked_scl_classes=list(map(int, classes)))
+    return dataset
+
+
+def _check_scenes(scenes: xr.DataArray, bands: Sequence[str]) -> None:
+    if tuple(scenes.dims) != ("time", "band", "y", "x"):
+        raise InputError(f"Scenes must have dims (time, band, y, x), not {scenes.dims}: use load_scenes.")
+    if scenes.dtype != np.uint16:
+        raise InputError(f"Scenes must be uint16 DN, not {scenes.dtype}: load with load_scenes.")
+    names = [str(b) for b in scenes["band"].values]
+    missing = [b for b in (*bands, SCL_BAND) if b not in names]
+    if missing:
+        raise InputError(f"Scenes lack band(s) {missing} (have {names}): load them with load_scenes(bands=...).")
+    if "boa_offset" not in scenes.coords:
+        raise InputError("Scenes have no 'boa_offset' coordinate: load them with load_scenes.")
+    if scenes.sizes["time"] == 0:
+        raise InputError("Scenes have no dates: nothing to mosaic.")
+
+
+def clear_mask(scl: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """True where an SCL value is a clear observation (not in ``classes``)."""
+    return ~np.isin(scl, classes)
+
+
+def median_of_clear(refl: np.ndarray, clear: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Per-pixel median over axis 0 of harmonised DN where ``clear`` (and DN > 0).
+
+    Args:
+        refl: ``(time, y, x)`` uint16 DN.
+        clear: ``(time, y, x)`` bool, True for clear observations.
+        offsets: ``(time,)`` DN to subtract per date (results below 1 become 1, so that
+            0 keeps meaning no data).
+
+    Returns:
+        ``(y, x)`` uint16; 0 where no date is clear.
+    """
+    off = offsets.astype(np.uint16).reshape(-1, 1, 1)
+    valid = clear & (refl != NODATA)
+    work = np.where(refl > off, refl - off, np.uint16(1)).astype(np.uint16, copy=False)
+    work[~valid] = _INVALID
+    work.sort(axis=0)
+    n = valid.sum(axis=0, dtype=np.intp)
+    lo = np.maximum((n - 1) // 2, 0)[None]  # the two middle ranks (equal for odd n)
+    hi = (n // 2)[None]
+    a = np.take_along_axis(work, lo, axis=0)[0].astype(np.uint32)
+    b = np.take_along_axis(work, hi, axis=0)[0].astype(np.uint32)
+    out = ((a + b + 1) // 2).astype(np.uint16)
+    out[n == 0] = NODATA
+    return out
+
+
+def _median_block(refl: np.ndarray, scl: np.ndarray, offsets: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    clear = clear_mask(scl[:, 0], classes)
+    out = np.empty(refl.shape[1:], dtype=np.uint16)
+    for j in range(refl.shape[1]):
+        out[j] = median_of_clear(refl[:, j], clear, offsets)
+    return out
+
+
+def _clear_count_block(scl: np.ndarray, classes: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return clear_mask(scl[:, 0], classes).sum(axis=0, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- writing
+def mosaic_paths(out: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Where :func:`write_mosaic` puts a COG mosaic and its clear-count raster."""
+    out = Path(out)
+    return out, out.with_name(f"{out.stem}_clear_count{out.suffix or '.tif'}")
+
+
+def write_mosaic(
+    mosaic: xr.Dataset,
+    out: str | os.PathLike[str],
+    format: Literal["cog", "zarr"] = "cog",
+    clear_count: bool = True,
+    overwrite: bool = True,
+) -> list[Path]:
+    """Compute and write a mosaic; nothing appears at ``out`` unless everything succeeded.
+
+    Args:
+        mosaic: from :func:`seasonal_mosaic`.
+        out: ``.tif`` path (COG) or Zarr store directory.
+        format: ``cog``: ``(band, y, x)`` uint16 COG with band descriptions and nodata 0,
+            plus ``<stem>_clear_count.tif``; ``zarr``: one store holding both variables,
+            Zarr chunks = dask chunks, CRS in ``spatial_ref``.
+        clear_count: also write the per-pixel count of clear dates.
+        overwrite: replace existing outputs (else raise :class:`OutputError`).
+
+    Returns:
+        The paths written.
+    """
+    if format not in ("cog", "zarr"):
+        raise ConfigError(f"Unknown mosaic format {format!r}: use cog or zarr.")
+    out = check_writable(out, overwrite)
+    if format == "cog":
+        return _write_cogs(mosaic, out, clear_count, overwrite)
+    return [_write_zarr(mosaic, out, clear_count, overwrite)]
+
+
+def _write_cogs(mosaic: xr.Dataset, out: Path, clear_count: bool, overwrite: bool) -> list[Path]:
+    targets = [p for p in mosaic_paths(out)[: 2 if clear_count else 1]]
+    if not overwrite:
+        for target in targets:
+            check_writable(target, overwrite=False)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        refl = mosaic["reflectance"]
+        write_geotiff(refl, staging / targets[0].name, nodata=NODATA,
+                      band_names=[str(b) for b in refl["band"].values],
+                      tags={"composite": str(mosaic.attrs.get("composite", "")),
+                            "units": "DN (surface reflectance x 10000)",
+                            "n_dates": str(mosaic.attrs.get("n_dates", ""))})
+        if clear_count:
+            write_geotiff(mosaic["clear_count"], staging / targets[1].name, nodata=None,
+                          band_names=["clear_count"], tags={"units": "clear dates"})
+        for target in targets:
+            os.replace(staging / target.name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return targets
+
+
+def _write_zarr(mosaic: xr.Dataset, out: Path, clear_count: bool, overwrite: bool) -> Path:
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} exists: pass --overwrite or choose another --out.")
+    names = ["reflectance"] + (["clear_count"] if clear_count else [])
+    ds = mosaic[names]
+    encoding = {}
+    for name in names:
+        chunks = ds[name].data.chunksize if isinstance(ds[name].data, da.Array) else ds[name].shape
+        encoding[name] = {"chunks": tuple(int(c) for c in chunks), "_FillValue": None}
+        ds[name].attrs.pop("_FillValue", None)
+        ds[name].encoding.pop("_FillValue", None)
+    ds["reflectance"].attrs["nodata"] = NODATA
+    ds["reflectance"].attrs["band_names"] = [str(b) for b in ds["band"].values]
+    # variable-length strings: fixed-width unicode has no stable Zarr v3 data type yet
+    ds = ds.assign_coords(band=np.asarray([str(b) for b in ds["band"].values], dtype=object))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)) / out.name
+    try:
+        with warnings.catch_warnings():
+            # consolidated metadata is an extension in Zarr v3, still what xarray opens fastest
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            ds.to_zarr(staging, mode="w", encoding=encoding, consolidated=True)
+        if out.exists():
+            trash = out.with_name(f".{out.name}.old")
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(out, trash)
+            os.replace(staging, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging.parent, ignore_errors=True)
+    log.info("wrote %s (Zarr: %s)", out, ", ".join(names))
+    return out
