@@ -80,6 +80,12 @@ class ImageryConfig(_Strict):
     seasons: list[str] = Field(default_factory=lambda: ["september"])
     max_cloud: float = Field(30.0, ge=0, le=100, description="maximum eo:cloud_cover in %")
     composite: Literal["rgb", "nrg", "all"] = "nrg"
+    predict_season: str | None = Field(
+        None, description="season whose mosaic the model maps in a run (default: the first of seasons)"
+    )
+    gdal: dict[str, str] = Field(
+        default_factory=dict, description="GDAL options for reading scenes, e.g. GDAL_HTTP_MAX_RETRY: '10'"
+    )
 
     @field_validator("seasons")
     @classmethod
@@ -87,9 +93,33 @@ class ImageryConfig(_Strict):
         if not value:
             raise ValueError("give at least one season")
         for season in value:
-            if season not in SEASONS and "/" not in season:
-                raise ValueError(f"season {season!r} is not one of {SEASONS} or START/END (MM-DD/MM-DD)")
+            _check_season(season)
         return value
+
+    @field_validator("predict_season")
+    @classmethod
+    def _known_predict_season(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_season(value)
+        return value
+
+    @field_validator("gdal")
+    @classmethod
+    def _gdal_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not key.isupper() or not key.replace("_", "").isalnum():
+                raise ValueError(f"GDAL option {key!r} is not an upper-case GDAL config key")
+        return value
+
+    @property
+    def prediction_season(self) -> str:
+        """The season mapped by a run: ``predict_season``, else the first of ``seasons``."""
+        return self.predict_season or self.seasons[0]
+
+
+def _check_season(season: str) -> None:
+    if season not in SEASONS and "/" not in season:
+        raise ValueError(f"season {season!r} is not one of {SEASONS} or START/END (MM-DD/MM-DD)")
 
 
 class ModelConfig(_Strict):
@@ -117,6 +147,10 @@ class GeneralizeConfig(_Strict):
     enabled: bool = True
     mmu_ha: float = Field(25.0, ge=0, description="minimum mapping unit in hectares")
     min_width_m: float = Field(100.0, ge=0, description="minimum width in metres")
+    tile_margin_px: int = Field(
+        0, ge=0, description="px of predicted surroundings generalized with each tile in a run "
+        "(rounded up to whole model windows); patches crossing tile edges are judged with this much context"
+    )
 
 
 class OutputConfig(_Strict):
@@ -127,7 +161,10 @@ class OutputConfig(_Strict):
 
 
 class ClusterConfig(_Strict):
-    kind: Literal["local", "address", "cuda"] = "local"
+    kind: Literal["local", "address", "cuda", "threads"] = Field(
+        "local", description="local/cuda: start a cluster; address: connect; threads: no cluster, "
+        "dask's threaded scheduler in the calling process (small runs, debugging)"
+    )
     address: str | None = Field(None, description="scheduler address (kind: address)")
     n_workers: int | None = Field(None, gt=0)
     threads_per_worker: int | None = Field(None, gt=0)

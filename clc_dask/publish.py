@@ -1,0 +1,176 @@
+"""STAC metadata for a run's outputs: one Collection, one Item per finished tile.
+
+Written last, from the run manifest, and only for tiles whose files are complete (their
+size and SHA-256 are verified first): no Item ever points at a missing or partial file.
+The catalog is built in a staging folder beside ``stac/`` and swapped into place, so stale
+Items (of tiles whose files have since changed) disappear with the old catalog.
+
+Items carry the projection, raster, classification and file (size, checksum) extensions,
+and provenance: the resolved config, package version, checkpoint SHA-256 and the ids of
+the input scenes. Everything is deterministic (no wall-clock times, relative hrefs), so
+the same run gives the same bytes wherever its store lives.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pystac
+from odc.geo.geobox import GeoBox
+from pystac.extensions.classification import Classification, ClassificationExtension
+from pystac.extensions.file import FileExtension
+from pystac.extensions.projection import ProjectionExtension
+from pystac.extensions.raster import DataType, RasterBand, RasterExtension
+
+from clc_dask.classes import label_of, official_codes, rgb_of
+
+log = logging.getLogger(__name__)
+
+STAC_DIR = "stac"
+ASSET_TITLES = {
+    "classes": "U-Net class map (CLC codes)",
+    "generalized": "Class map generalized to CORINE rules (MMU, minimum width)",
+    "polygons": "Generalized map as polygons (GeoPackage)",
+    "zarr": "Class maps of the whole run grid (Zarr, one chunk per tile)",
+}
+MEDIA_TYPES = {".tif": pystac.MediaType.COG, ".gpkg": "application/geopackage+sqlite3",
+               ".zarr": "application/vnd+zarr", ".json": pystac.MediaType.JSON}
+#: Multihash prefix of a SHA-256 digest (file extension ``file:checksum``).
+SHA256_MULTIHASH = "1220"
+
+
+def classification_classes(level: int) -> list[Classification]:
+    """The classification-extension class list for CLC codes of ``level`` (0 = no data)."""
+    classes = [Classification.create(value=0, description="No data", name="nodata", nodata=True)]
+    for code in official_codes(level):
+        r, g, b = rgb_of(code)
+        classes.append(Classification.create(value=code, description=label_of(code), name=str(code),
+                                              color_hint=f"{r:02X}{g:02X}{b:02X}"))
+    return classes
+
+
+def tile_item(
+    tile_name: str,
+    geobox: GeoBox,
+    assets: Mapping[str, Path],
+    *,
+    run_name: str,
+    level: int,
+    start: dt.datetime,
+    end: dt.datetime,
+    provenance: Mapping[str, Any],
+    checksums: Mapping[str, tuple[str, int]] | None = None,
+) -> pystac.Item:
+    """A STAC Item for one tile (asset hrefs become relative when the catalog is written).
+
+    Args:
+        tile_name: ``row_col``.
+        geobox: the tile's grid (pixels, CRS).
+        assets: asset name (``classes``, ``generalized``, ``polygons``) → file.
+        run_name: the run's name (item ids are ``<run>-<tile>``).
+        level: CLC level of the codes (2 or 3).
+        start: first day of the imagery season the map shows (UTC).
+        end: last moment of that season (UTC).
+        provenance: extra properties (config, version, checkpoint hash, input scene ids).
+        checksums: asset name → (SHA-256 hex, bytes), recorded with the file extension.
+    """
+    footprint = geobox.extent.to_crs("EPSG:4326")
+    item = pystac.Item(
+        id=f"{run_name}-{tile_name}",
+        geometry=footprint.json,
+        bbox=[round(v, 9) for v in footprint.boundingbox],
+        datetime=None,
+        start_datetime=start,
+        end_datetime=end,
+        properties={"clc_dask:tile": tile_name, "clc_dask:level": level, **dict(provenance)},
+    )
+    proj = ProjectionExtension.ext(item, add_if_missing=True)
+    epsg = geobox.crs.epsg
+    if epsg is not None:
+        proj.code = f"EPSG:{epsg}"
+    else:
+        proj.wkt2 = geobox.crs.to_wkt()
+    proj.shape = [geobox.shape.y, geobox.shape.x]
+    proj.transform = [float(v) for v in list(geobox.affine)[:6]]
+    proj.bbox = [float(v) for v in geobox.extent.boundingbox]
+    for key, path in sorted(assets.items()):
+        asset = pystac.Asset(href=str(Path(path).resolve()), media_type=MEDIA_TYPES.get(Path(path).suffix),
+                             title=ASSET_TITLES.get(key, key), roles=["data"])
+        item.add_asset(key, asset)
+        if checksums and key in checksums:
+            digest, size = checksums[key]
+            file_ext = FileExtension.ext(asset, add_if_missing=True)
+            file_ext.checksum = SHA256_MULTIHASH + digest
+            file_ext.size = int(size)
+        if Path(path).suffix == ".tif":
+            RasterExtension.ext(asset, add_if_missing=True).bands = [
+                RasterBand.create(nodata=0, data_type=DataType.UINT8 if level < 3 else DataType.UINT16,
+                                  spatial_resolution=abs(geobox.resolution.x))
+            ]
+            ClassificationExtension.ext(asset, add_if_missing=True).classes = classification_classes(level)
+    return item
+
+
+def write_catalog(
+    store: Path,
+    items: Sequence[pystac.Item],
+    *,
+    collection_id: str,
+    description: str,
+    bbox: Sequence[float],
+    start: dt.datetime,
+    end: dt.datetime,
+    properties: Mapping[str, Any] | None = None,
+    assets: Mapping[str, Path] | None = None,
+) -> Path:
+    """Write ``store/stac/collection.json`` and ``store/stac/<id>/<id>.json`` per item.
+
+    The catalog is self-contained (relative links and hrefs, no self links), built in a
+    staging folder and swapped in place of the old ``stac/``.
+
+    Args:
+        store: the run's output folder.
+        items: from :func:`tile_item`.
+        collection_id: the run's name.
+        description: one line describing the map.
+        bbox: lon/lat extent of the run grid (used when there is no item yet).
+        start: start of the temporal extent (UTC).
+        end: end of the temporal extent (UTC).
+        properties: extra collection fields (provenance shared by all items).
+        assets: collection-level assets (e.g. the Zarr store of the whole grid).
+    """
+    store = Path(store)
+    boxes = [i.bbox for i in items if i.bbox] or [list(bbox)]
+    extent = pystac.Extent(pystac.SpatialExtent([_union_bbox(boxes)]), pystac.TemporalExtent([[start, end]]))
+    collection = pystac.Collection(id=collection_id, description=description, extent=extent,
+                                   license="CC-BY-4.0", title=f"CLC map {collection_id}",
+                                   extra_fields=dict(properties or {}))
+    target = store / STAC_DIR
+    for key, path in sorted((assets or {}).items()):
+        href = Path(os.path.relpath(Path(path).resolve(), target.resolve())).as_posix()
+        collection.add_asset(key, pystac.Asset(href=href, title=ASSET_TITLES.get(key, key),
+                                               media_type=MEDIA_TYPES.get(Path(path).suffix), roles=["data"]))
+    for item in sorted(items, key=lambda i: i.id):
+        collection.add_item(item)
+    staging = store / f".{STAC_DIR}-partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    collection.normalize_hrefs(str(staging) + "/")
+    collection.make_all_asset_hrefs_relative()
+    collection.save(catalog_type=pystac.CatalogType.SELF_CONTAINED)
+    old = store / f".{STAC_DIR}-old-{os.getpid()}"
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("wrote STAC collection %s with %d item(s)", target / "collection.json", len(items))
+    return target / "collection.json"
+
+
+def _union_bbox(boxes: Sequence[Sequence[float]]) -> list[float]:
+    return [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
