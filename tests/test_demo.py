@@ -459,11 +459,12 @@ def test_keep_serving_until_interrupted(demo_region, monkeypatch):
 
 def test_run_demo_steps(tmp_path):
     seen = []
-    ctx = run_demo(tmp_path / "run", size=256, seed=1, on_step=lambda name, result: seen.append(name))
+    ctx = run_demo(tmp_path / "run", size=256, seed=1, on_step=lambda name, result: seen.append(name),
+                   until="search")
     assert seen == ["region", "serve", "search"]
     assert ctx.results["search"]["items"] == 12 and not ctx.results["region"]["reused"]
     assert ctx.results["serve"]["stac_url"].startswith("http://127.0.0.1:")
-    again = run_demo(tmp_path / "run", size=256, seed=1)
+    again = run_demo(tmp_path / "run", size=256, seed=1, until="search")
     assert again.results["region"]["reused"]
 
 
@@ -484,7 +485,7 @@ def run_cli(monkeypatch, capsys, *args):
 
 def test_cli_demo_builds_serves_and_searches(tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(monkeypatch, capsys, "demo", "--workdir", str(tmp_path / "w"),
-                             "--size", "256", "--seed", "3")
+                             "--size", "256", "--seed", "3", "--until", "search")
     assert code == 0, err
     assert "Region built" in out and "found 12 items" in out and "STAC API: http://127.0.0.1:" in out
     assert (tmp_path / "w" / "region.json").is_file()

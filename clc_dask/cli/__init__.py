@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import typer
@@ -31,14 +32,19 @@ COMMAND_MODULES = (
 
 @app.callback()
 def _main(
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-v info, -vv debug)."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-v: libraries too, -vv: debug)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
+    # clc-dask's own progress at INFO (-q: warnings only); libraries from -v on.
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if verbose < 2:
-        for noisy in ("distributed", "rasterio", "urllib3", "fiona", "pyogrio", "botocore"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    library_level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=library_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("clc_dask").setLevel(level)
+    if verbose < 1:
+        # distributed sets its loggers' levels from dask's config when imported (also in the
+        # worker processes, which inherit the environment).
+        os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
 
 
 for _name in COMMAND_MODULES:

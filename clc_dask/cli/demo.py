@@ -47,15 +47,20 @@ def register(app: typer.Typer) -> None:
             "--stac-port", help="Port of the STAC API (0: a free port).")] = 0,
         data_port: Annotated[int, typer.Option(
             "--data-port", help="Port of the COG file server (0: a free port).")] = 0,
+        until: Annotated[str | None, typer.Option(
+            "--until", help="Stop after this step: region, serve, search, mosaics, labels, train, "
+            "predict, evaluate, generalize or run (default: the whole chain).")] = None,
         keep_serving: Annotated[bool, typer.Option(
             "--keep-serving/--no-keep-serving",
             help="Keep the servers up after the demo until Ctrl-C (to explore with other tools).",
         )] = False,
     ) -> None:
         """Build the offline demo region, serve it like the real thing on loopback (rustac
-        STAC API + COGs over HTTP) and run the demo steps against it."""
+        STAC API + COGs over HTTP) and run the whole chain against it: seasonal mosaics, CLC
+        labels, training (cpu-demo preset), prediction, evaluation on a held-out strip,
+        generalization and a production run with STAC outputs."""
         from clc_dask.demo import run_demo
 
         ctx = run_demo(workdir, size, seed, stac_port=stac_port, data_port=data_port,
-                       keep_serving=keep_serving, on_step=_echo_step)
+                       keep_serving=keep_serving, on_step=_echo_step, until=until)
         typer.echo(f"Demo done in {ctx.workdir}; servers stopped.")

@@ -77,6 +77,10 @@ class DemoContext:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Resources that live until the demo ends (the servers); closed by :func:`run_demo`.
     stack: ExitStack = field(default_factory=ExitStack)
+    #: Files made by the steps, by name (mosaics, labels, checkpoint, …), for later steps.
+    outputs: dict[str, Any] = field(default_factory=dict)
+    #: The demo's Dask client, started by the first step that needs a cluster.
+    client: Any = None
 
     def require_region(self) -> DemoRegion:
         """The region (a step that needs it must run after ``region``)."""
@@ -138,6 +142,15 @@ DEMO_STEPS: list[tuple[str, DemoStep]] = [
     ("search", step_search),
 ]
 
+from clc_dask.demo.chain import CHAIN_STEPS  # noqa: E402  (the chain needs DemoContext above)
+
+DEMO_STEPS.extend(CHAIN_STEPS)
+
+
+def step_names() -> list[str]:
+    """Names of the demo's steps, in order."""
+    return [name for name, _ in DEMO_STEPS]
+
 
 def _wait_until_interrupted() -> None:
     """Block until Ctrl-C (KeyboardInterrupt)."""
@@ -156,6 +169,7 @@ def run_demo(
     keep_serving: bool = False,
     steps: Sequence[tuple[str, DemoStep]] | None = None,
     on_step: Callable[[str, dict[str, Any]], None] | None = None,
+    until: str | None = None,
 ) -> DemoContext:
     """Run the demo: build (or reuse) the region, serve it, and run every step of
     :data:`DEMO_STEPS` (or ``steps``); the servers stop at the end.
@@ -170,10 +184,17 @@ def run_demo(
         keep_serving: after the steps, keep the servers up until Ctrl-C.
         steps: the steps to run (default :data:`DEMO_STEPS`).
         on_step: called with (step name, summary) after each step, e.g. to print progress.
+        until: stop after this step (e.g. ``"search"`` to only build and serve the region).
 
     Bad options fail before anything is written: :class:`ConfigError` (size, seed, ports,
     host), :class:`ServerError` (a port in use), :class:`OutputError` (workdir not writable).
     """
+    steps = list(DEMO_STEPS if steps is None else steps)
+    if until is not None:
+        names = [name for name, _ in steps]
+        if until not in names:
+            raise ConfigError(f"Unknown demo step {until!r}: choose one of {', '.join(names)}.")
+        steps = steps[: names.index(until) + 1]
     validate_parameters(size, seed, DEFAULT_YEAR, DEFAULT_DATES_PER_SEASON)
     check_loopback(host)
     check_port(stac_port, "--stac-port")
@@ -186,7 +207,7 @@ def run_demo(
     ctx = DemoContext(workdir=workdir, size=size, seed=seed, host=host, stac_port=stac_port,
                       data_port=data_port)
     with ctx.stack:
-        for name, step in (DEMO_STEPS if steps is None else steps):
+        for name, step in steps:
             started = time.perf_counter()
             log.info("demo step %r", name)
             result = dict(step(ctx) or {})
