@@ -43,7 +43,7 @@ def evaluate_command(
     chunks: Annotated[int, typer.Option(
         "--chunks", help="Dask chunk edge in pixels (made to divide --tile-size).")] = 2048,
     address: Annotated[str | None, typer.Option(
-        "--address", help="Dask scheduler to count on (default: threads in this process).")] = None,
+        "--scheduler", "--address", help="Dask scheduler to count on (default: threads in this process).")] = None,
 ) -> None:
     """Score a class map against a reference: IoU, precision, recall, F1, OA, kappa (JSON)."""
     from clc_dask import evaluate as ev

@@ -27,7 +27,7 @@ def generalize_command(
     compare_sieve: Annotated[bool, typer.Option(
         "--compare-sieve", help="Also report the distance to GDAL's sieve filter (loads the map into memory).")] = False,
     scheduler: Annotated[str | None, typer.Option(
-        "--scheduler", help="Dask scheduler address (default: threads in this process).")] = None,
+        "--scheduler", "--address", help="Dask scheduler address (default: threads in this process).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
 ) -> None:
     """Generalize a class map to CORINE rules, chunk by chunk (identical to the whole map in memory)."""

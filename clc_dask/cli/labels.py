@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
                               "pixels (rounded down to a divisor of 2048).")] = DEFAULT_TILE_SIZE,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it "
                              "exists.")] = False,
-        address: Annotated[str | None, typer.Option("--address", help="Dask scheduler to run "
+        address: Annotated[str | None, typer.Option("--scheduler", "--address", help="Dask scheduler to run "
                            "on (default: threads in this process).")] = None,
     ) -> None:
         """Rasterize CLC polygons (per chunk) or warp a CLC raster onto a grid, as CLC codes."""

@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
                              "(11).")] = False,
         clear_count: Annotated[bool, typer.Option("--clear-count/--no-clear-count", help="Also "
                                "write the per-pixel number of clear dates.")] = True,
-        address: Annotated[str | None, typer.Option("--address", help="Dask scheduler to use "
+        address: Annotated[str | None, typer.Option("--scheduler", "--address", help="Dask scheduler to use "
                            "(default: threads in this process).")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing "
                              "outputs.")] = False,

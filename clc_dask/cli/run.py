@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
             "--performance-report", help=f"Save a Dask performance report as {PERFORMANCE_REPORT} in "
             "output.store (also output.performance_report).")] = False,
         scheduler: Annotated[str | None, typer.Option(
-            "--scheduler", help="Dask scheduler address (overrides the config's cluster; default "
+            "--scheduler", "--address", help="Dask scheduler address (overrides the config's cluster; default "
             "DASK_SCHEDULER_ADDRESS or cluster.kind).")] = None,
         as_json: Annotated[bool, typer.Option(
             "--json", help="With --dry-run: print the plan as JSON instead of a table.")] = False,
