@@ -159,10 +159,33 @@ class Checkpoint:
         }
 
 
+#: Band orders of the named composites (paper: RGB = B04,B03,B02; NRG = B08,B04,B03).
+COMPOSITES: dict[str, tuple[str, ...]] = {
+    "rgb": ("B04", "B03", "B02"),
+    "nrg": ("B08", "B04", "B03"),
+    "all": ("B02", "B03", "B04", "B08"),
+}
+
+
 def composite_name(bands: Sequence[str]) -> str:
     """'rgb', 'nrg', 'all' or a comma list for a band order."""
-    known = {("B04", "B03", "B02"): "rgb", ("B08", "B04", "B03"): "nrg", ("B02", "B03", "B04", "B08"): "all"}
+    known = {order: name for name, order in COMPOSITES.items()}
     return known.get(tuple(bands), ",".join(bands))
+
+
+def composite_bands(composite: str | Sequence[str]) -> tuple[str, ...]:
+    """Band order of a composite name (``rgb``/``nrg``/``all``), a comma list, or a band sequence."""
+    if isinstance(composite, str):
+        if composite.lower() in COMPOSITES:
+            return COMPOSITES[composite.lower()]
+        composite = [b.strip() for b in composite.split(",") if b.strip()]
+    bands = tuple(str(b) for b in composite)
+    if not bands or len(set(bands)) != len(bands):
+        raise ConfigError(
+            f"Band list {list(bands)} is empty or repeats a band: give a composite "
+            f"({', '.join(COMPOSITES)}) or distinct band names such as B08,B04,B03."
+        )
+    return bands
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Path:

@@ -1,0 +1,135 @@
+"""`clc-dask patches`: a patch index (spatial train/validation split, class statistics) from mosaics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from clc_dask.config import SEASONS
+from clc_dask.errors import ConfigError, OutputError
+from clc_dask.patches import (
+    CACHE_STORE,
+    INDEX_FILE,
+    SPLITS,
+    PatchIndex,
+    build_patch_index,
+    cache_patches,
+    find_clear_count,
+)
+
+log = logging.getLogger(__name__)
+
+MOSAIC_HELP = "SEASON=PATH of a mosaic COG or Zarr store (repeat for several seasons, e.g. september=… april=…)."
+CLEAR_HELP = ("SEASON=PATH of a clear-count raster (default: the <mosaic>_clear_count.tif that "
+              "clc-dask mosaic writes, if present).")
+
+
+def parse_season_paths(values: Sequence[str] | None, option: str) -> dict[str, Path]:
+    """``["september=a.tif", "april=b.tif"]`` → ``{"september": Path("a.tif"), …}``, checked."""
+    out: dict[str, Path] = {}
+    for value in values or []:
+        season, sep, path = value.partition("=")
+        season = season.strip().lower()
+        if not sep or not path.strip():
+            raise ConfigError(f"{option} {value!r} is not SEASON=PATH: e.g. {option} september=mosaic_sep.tif.")
+        if season not in SEASONS:
+            raise ConfigError(f"{option} {value!r}: season {season!r} is not one of {', '.join(SEASONS)}.")
+        if season in out:
+            raise ConfigError(f"{option} gives season {season!r} twice: give one path per season.")
+        out[season] = Path(path.strip())
+    return out
+
+
+def clear_counts_for(mosaics: dict[str, Path], explicit: dict[str, Path], auto: bool = True) -> dict[str, Path]:
+    """Explicit clear-count rasters, else (when ``auto``) the ones written beside the mosaics."""
+    out = dict(explicit)
+    if auto:
+        for season, path in mosaics.items():
+            if season not in out and (found := find_clear_count(path)) is not None:
+                log.info("using clear counts %s for %s", found, season)
+                out[season] = found
+    return out
+
+
+def get_cli_client(address: str | None) -> Any | None:
+    """A client for ``--address`` (None: compute with threads in this process)."""
+    if not address:
+        return None
+    from clc_dask.cluster import get_client
+
+    return get_client(address, kind="address")
+
+
+def print_summary(index: PatchIndex) -> None:
+    """Table 1 of the paper for this index (usable patches per split and season) and rare classes."""
+    counts = index.counts()
+    seasons = list(index.seasons)
+    header = f"{'':<12}" + "".join(f"{s:>12}" for s in seasons) + f"{'total':>10}"
+    typer.echo(header)
+    for row in (*SPLITS, "rejected"):
+        typer.echo(f"{row:<12}" + "".join(f"{counts[row][s]:>12}" for s in seasons)
+                   + f"{counts[row]['total']:>10}")
+    stats = index.class_statistics()
+    typer.echo(f"\n{'code':>5} {'label':<48}{'train px':>11}{'val px':>10}{'train p.':>9}{'val p.':>7}  note")
+    for rec in stats.to_dict("records"):
+        typer.echo(f"{rec['code']:>5} {rec['label'][:47]:<48}{rec['train_pixels']:>11}{rec['val_pixels']:>10}"
+                   f"{rec['train_patches']:>9}{rec['val_patches']:>7}  {'RARE: ' + rec['note'] if rec['rare'] else ''}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `patches` command to `app`."""
+
+    @app.command("patches")
+    def patches(
+        mosaic: Annotated[list[str], typer.Option("--mosaic", help=MOSAIC_HELP)],
+        labels: Annotated[Path, typer.Option("--labels", help="CLC code raster on the mosaics' grid "
+                          "(clc-dask labels --like MOSAIC).")],
+        out: Annotated[Path, typer.Option("--out", help="Folder for the index (patch_index.json, "
+                       "patches.csv, class_stats.json/csv).")],
+        clear: Annotated[list[str] | None, typer.Option("--clear", help=CLEAR_HELP)] = None,
+        patch_size: Annotated[int, typer.Option("--patch-size", help="Patch edge in px, a multiple "
+                              "of 32 (paper: 128 or 256).")] = 256,
+        composite: Annotated[str | None, typer.Option("--composite", help="rgb, nrg, all or a band "
+                             "list (default: every band of the mosaic).")] = None,
+        level: Annotated[int, typer.Option("--level", help="CLC level of the classes.")] = 2,
+        val_fraction: Annotated[float, typer.Option("--val-fraction", help="Validation share "
+                                "(paper ≈ 0.25).")] = 0.25,
+        split_block: Annotated[int, typer.Option("--split-block", help="Split blocks of N×N "
+                               "patches go wholly to train or validation.")] = 4,
+        guard: Annotated[int, typer.Option("--guard", help="Drop training patches within N patches "
+                         "of validation.")] = 0,
+        seed: Annotated[int, typer.Option("--seed", help="Seeds the block split.")] = 0,
+        max_nodata_fraction: Annotated[float, typer.Option("--max-nodata-fraction")] = 0.5,
+        max_cloud_fraction: Annotated[float, typer.Option("--max-cloud-fraction")] = 0.5,
+        max_unlabelled_fraction: Annotated[float, typer.Option("--max-unlabelled-fraction")] = 0.5,
+        cache_zarr: Annotated[bool, typer.Option("--cache-zarr", help=f"Also write every usable "
+                              f"patch to OUT/{CACHE_STORE} (read by clc-dask train --data zarr).")] = False,
+        address: Annotated[str | None, typer.Option("--address", help="Dask scheduler to use "
+                           "(default: threads in this process).")] = None,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index.")] = False,
+    ) -> None:
+        """Cut mosaics into patches, reject no-data/cloud/unlabelled ones, split train/val by blocks."""
+        mosaics = parse_season_paths(mosaic, "--mosaic")
+        if (out / INDEX_FILE).exists() and not overwrite:
+            raise OutputError(f"{out} already holds a patch index: pass --overwrite or choose another --out.")
+        clear_counts = clear_counts_for(mosaics, parse_season_paths(clear, "--clear"))
+        client = get_cli_client(address)
+        try:
+            index = build_patch_index(
+                mosaics, labels, patch_size=patch_size, bands=composite, level=level,
+                val_fraction=val_fraction, split_block=split_block, guard=guard, seed=seed,
+                max_nodata_fraction=max_nodata_fraction, max_cloud_fraction=max_cloud_fraction,
+                max_unlabelled_fraction=max_unlabelled_fraction, clear_counts=clear_counts, client=client,
+            )
+            index.save(out)
+            if cache_zarr:
+                cache_patches(index, out / CACHE_STORE, client=client, overwrite=overwrite)
+        finally:
+            if client is not None:
+                client.close()
+        print_summary(index)
+        typer.echo(f"\nPatch index written to {out}")
