@@ -432,11 +432,7 @@ def predict(
         data, on the mosaic's grid; or, with ``probabilities``, a Dataset with ``class_map`` and
         ``probability`` (class, y, x) computed by the same tasks.
     """
-    grid = WindowGrid.from_options(window, halo)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size={batch_size!r} must be a whole number ≥ 1 (windows per forward pass).")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ConfigError(f"chunk_size={chunk_size!r} must be a positive number of pixels (e.g. 2048).")
+    grid = check_options(window, halo, batch_size, chunk_size)
     client = client if client is not None else _current_client()
     gpu_cluster = client is not None and has_gpu_workers(client)
     device = _check_device(device, gpu_cluster)
@@ -465,6 +461,16 @@ def predict(
     probs.attrs.update(attrs, scale=1 / PROBABILITY_SCALE,
                        description="per-class softmax probability × 255 (0 where no data)")
     return xr.Dataset({"class_map": class_map, "probability": probs}, attrs=attrs)
+
+
+def check_options(window: int, halo: int, batch_size: int, chunk_size: int | None) -> WindowGrid:
+    """Check the numeric options of :func:`predict` (cheap: call it before starting a cluster)."""
+    grid = WindowGrid.from_options(window, halo)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be a whole number ≥ 1 (windows per forward pass).")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ConfigError(f"chunk_size={chunk_size!r} must be a positive number of pixels (e.g. 2048).")
+    return grid
 
 
 def _stacked_prediction(mosaic: xr.DataArray, grid: WindowGrid, chunk_size: int | None, classes: ClassTable,

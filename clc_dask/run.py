@@ -121,7 +121,22 @@ def aoi_geometry(config: RunConfig) -> Geometry:
         return Geometry(shapely.segmentize(box.geom, 0.05), "EPSG:4326")
     from clc_dask.search import read_aoi
 
-    return Geometry(read_aoi(config.aoi.path or ""), "EPSG:4326")
+    lonlat = Geometry(read_aoi(config.aoi.path or ""), "EPSG:4326")
+    native = _aoi_in_grid_crs(config)
+    return native if native is not None else lonlat
+
+
+def _aoi_in_grid_crs(config: RunConfig) -> Geometry | None:
+    """The AOI file's polygons in their own CRS when that is the grid's CRS: no round trip
+    through lon/lat, so an AOI drawn on the grid (e.g. a region's footprint) gives exactly
+    that grid."""
+    import geopandas as gpd
+    from pyproj import CRS
+
+    frame = gpd.read_file(config.aoi.path or "")
+    if frame.crs is None or CRS(frame.crs) != CRS.from_epsg(config.grid.epsg):
+        return None
+    return Geometry(frame.union_all(), f"EPSG:{config.grid.epsg}")
 
 
 def output_settings(config: RunConfig) -> dict[str, Any]:

@@ -710,6 +710,7 @@ def train_demo(
     client: Any | None = None,
     clear_counts: Mapping[str, Source] | None = None,
     progress: bool | None = None,
+    epochs: int | None = None,
 ) -> TrainResult:
     """The demo's training stage: patch index in ``out_dir/patches``, model in ``out_dir/train``.
 
@@ -723,10 +724,11 @@ def train_demo(
         client: a ``distributed.Client`` (e.g. the demo's LocalCluster); None = local threads.
         clear_counts: optional season → clear-count raster.
         progress: progress bar (default: when stderr is a terminal).
+        epochs: override the preset's number of epochs (e.g. a quick look).
     """
     from clc_dask.presets import get_preset
 
-    config = get_preset(preset)
+    config = get_preset(preset, epochs=epochs)
     out_dir = Path(out_dir)
     return train_from_mosaics(config, mosaics, labels, out_dir / "train", clear_counts=clear_counts,
                               index_dir=out_dir / "patches", client=client, resume=True, progress=progress)

@@ -342,3 +342,19 @@ def test_cli_predict_tiles(files, reference, tmp_path):
         bad = CliRunner().invoke(app, [*args[:8], "7_7", *args[9:], "--overwrite"])
         assert isinstance(bad.exception, InputError) and "7_7" in str(bad.exception)
         assert lc.scheduler_info["workers"], "the CLI must not close a cluster it did not start"
+
+
+def test_cli_checks_options_before_starting_a_cluster(files, tmp_path, monkeypatch):
+    from clc_dask import cluster
+    from clc_dask.cli import app
+
+    def no_cluster(*args, **kwargs):
+        raise AssertionError("a cluster was started for a bad option")
+
+    monkeypatch.setattr(cluster, "get_client", no_cluster)
+    base = ["predict", "--mosaic", str(files["mosaic"]), "--checkpoint", str(files["ckpt"]), "--out", str(tmp_path / "m.tif")]
+    for option, message in ((["--window", "100"], "multiple of 32"), (["--batch-size", "0"], "batch_size"),
+                            (["--device", "gpu"], "device='gpu'"), (["--tiles", " , "], "--tiles is empty")):
+        result = CliRunner().invoke(app, base + option)
+        assert isinstance(result.exception, ConfigError) and message in str(result.exception), option
+    assert not any(tmp_path.iterdir())

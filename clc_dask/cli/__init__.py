@@ -45,6 +45,7 @@ def _main(
         # distributed sets its loggers' levels from dask's config when imported (also in the
         # worker processes, which inherit the environment).
         os.environ.setdefault("DASK_DISTRIBUTED__LOGGING__DISTRIBUTED", "warning")
+        logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
 for _name in COMMAND_MODULES:

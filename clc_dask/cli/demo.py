@@ -50,6 +50,8 @@ def register(app: typer.Typer) -> None:
         until: Annotated[str | None, typer.Option(
             "--until", help="Stop after this step: region, serve, search, mosaics, labels, train, "
             "predict, evaluate, generalize or run (default: the whole chain).")] = None,
+        epochs: Annotated[int | None, typer.Option(
+            "--epochs", min=1, help="Training epochs (default: the cpu-demo preset's).")] = None,
         keep_serving: Annotated[bool, typer.Option(
             "--keep-serving/--no-keep-serving",
             help="Keep the servers up after the demo until Ctrl-C (to explore with other tools).",
@@ -62,5 +64,6 @@ def register(app: typer.Typer) -> None:
         from clc_dask.demo import run_demo
 
         ctx = run_demo(workdir, size, seed, stac_port=stac_port, data_port=data_port,
-                       keep_serving=keep_serving, on_step=_echo_step, until=until)
+                       keep_serving=keep_serving, on_step=_echo_step, until=until,
+                       epochs=epochs)
         typer.echo(f"Demo done in {ctx.workdir}; servers stopped.")

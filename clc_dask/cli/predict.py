@@ -36,11 +36,19 @@ def predict_command(
 ) -> None:
     """Predict a CLC class map from a mosaic with a trained U-Net, chunk by chunk on Dask."""
     from clc_dask.cluster import get_client
-    from clc_dask.predict import predict_tiles_to_files, predict_to_file
+    from clc_dask.predict import (
+        check_options,
+        predict_tiles_to_files,
+        predict_to_file,
+        resolve_device,
+    )
 
     names = [t.strip() for t in tiles.split(",") if t.strip()] if tiles is not None else None
     if names is not None and not names:
         raise ConfigError("--tiles is empty: give tiles as row_col, e.g. --tiles 4_3,3_2.")
+    check_options(window, halo, batch_size, chunk_size)  # before a cluster starts
+    if device != "auto":
+        resolve_device(device)
     opts = dict(halo=halo, window=window, batch_size=batch_size, device=device, chunk_size=chunk_size)
     client = get_client(address=scheduler)
     try:

@@ -81,6 +81,8 @@ class DemoContext:
     outputs: dict[str, Any] = field(default_factory=dict)
     #: The demo's Dask client, started by the first step that needs a cluster.
     client: Any = None
+    #: Training epochs (None: the cpu-demo preset's).
+    epochs: int | None = None
 
     def require_region(self) -> DemoRegion:
         """The region (a step that needs it must run after ``region``)."""
@@ -170,6 +172,7 @@ def run_demo(
     steps: Sequence[tuple[str, DemoStep]] | None = None,
     on_step: Callable[[str, dict[str, Any]], None] | None = None,
     until: str | None = None,
+    epochs: int | None = None,
 ) -> DemoContext:
     """Run the demo: build (or reuse) the region, serve it, and run every step of
     :data:`DEMO_STEPS` (or ``steps``); the servers stop at the end.
@@ -185,6 +188,7 @@ def run_demo(
         steps: the steps to run (default :data:`DEMO_STEPS`).
         on_step: called with (step name, summary) after each step, e.g. to print progress.
         until: stop after this step (e.g. ``"search"`` to only build and serve the region).
+        epochs: training epochs (default: the ``cpu-demo`` preset's).
 
     Bad options fail before anything is written: :class:`ConfigError` (size, seed, ports,
     host), :class:`ServerError` (a port in use), :class:`OutputError` (workdir not writable).
@@ -205,7 +209,7 @@ def run_demo(
     ensure_port_free(host, stac_port, "STAC API", "--stac-port")
     workdir = prepare_workdir(workdir)
     ctx = DemoContext(workdir=workdir, size=size, seed=seed, host=host, stac_port=stac_port,
-                      data_port=data_port)
+                      data_port=data_port, epochs=epochs)
     with ctx.stack:
         for name, step in steps:
             started = time.perf_counter()

@@ -112,7 +112,7 @@ def step_train(ctx: DemoContext) -> dict[str, Any]:
     paths = ctx.outputs
     mosaics = {DEMO_SEASON: paths["mosaics"][DEMO_SEASON]}
     result = train_demo(mosaics, paths["train_labels"], _folders(ctx)["model"], client=_client(ctx),
-                        progress=False)
+                        progress=False, epochs=ctx.epochs)
     checkpoint = result.best_checkpoint or result.checkpoint
     paths["checkpoint"] = str(checkpoint)
     return {"epochs": result.epochs_run, "best_val_miou": round(float(result.best_val_miou or 0), 3),
