@@ -34,7 +34,6 @@ has no seams whatever the margin.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -62,6 +61,7 @@ from clc_dask.grid import Tile, TileGrid
 from clc_dask.model import COMPOSITES, composite_bands, composite_name, file_sha256, load_checkpoint
 from clc_dask.predict import WindowGrid
 from clc_dask.rasters import atomic_path, to_dataarray, write_geotiff
+from clc_dask.vectorize import fixed_gpkg_date
 
 log = logging.getLogger(__name__)
 
@@ -504,21 +504,6 @@ def finish_tile(codes: np.ndarray, region: GeoBox, crop: tuple[slice, slice], ou
     res = region.resolution
     generalized = generalize_array(codes, (abs(res.y), abs(res.x)), mmu_ha, min_width_m)
     return classes, np.ascontiguousarray(generalized[crop])
-
-
-@contextlib.contextmanager
-def fixed_gpkg_date(year: int) -> Iterator[None]:
-    """GDAL stamps GeoPackages with the current time unless ``OGR_CURRENT_DATE`` is set:
-    fix it (to the end of the map's year) so that a tile's GeoPackage is reproducible."""
-    import pyogrio
-
-    key = "OGR_CURRENT_DATE"
-    before = pyogrio.get_gdal_config_option(key)
-    pyogrio.set_gdal_config_options({key: f"{year}-12-31T00:00:00.000Z"})
-    try:
-        yield
-    finally:
-        pyogrio.set_gdal_config_options({key: before})
 
 
 def _densify_step(aoi: Geometry) -> float | None:

@@ -26,12 +26,15 @@ import os
 import sqlite3
 import xml.etree.ElementTree as ET
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import dask
 import dask.array as da
 import geopandas as gpd
 import numpy as np
+import pyogrio
 import rasterio.features
 import shapely
 import xarray as xr
@@ -244,3 +247,16 @@ def _embed_style(gpkg: Path, layer: str, qml: str, sld: str) -> None:
             (layer, column[0] if column else "geom", layer, qml, sld, now),
         )
     db.close()
+
+
+@contextmanager
+def fixed_gpkg_date(year: int) -> Iterator[None]:
+    """GDAL stamps GeoPackages with the current time unless ``OGR_CURRENT_DATE`` is set:
+    fix it (to the end of the map's year) so that a tile's GeoPackage is reproducible."""
+    key = "OGR_CURRENT_DATE"
+    before = pyogrio.get_gdal_config_option(key)
+    pyogrio.set_gdal_config_options({key: f"{year}-12-31T00:00:00.000Z"})
+    try:
+        yield
+    finally:
+        pyogrio.set_gdal_config_options({key: before})

@@ -28,16 +28,13 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import geopandas as gpd
 import numpy as np
-import pyogrio
 import pystac
 import rasterio
 import rasterio.features
@@ -50,6 +47,7 @@ from clc_dask.classes import colormap
 from clc_dask.demo import landcover, scenes, stac
 from clc_dask.errors import ConfigError, InputError, OutputError
 from clc_dask.rasters import atomic_path
+from clc_dask.vectorize import fixed_gpkg_date
 
 log = logging.getLogger(__name__)
 
@@ -334,18 +332,6 @@ def build_region(
     return DemoRegion.load(workdir)
 
 
-@contextmanager
-def _gpkg_fixed_date(year: int) -> Iterator[None]:
-    """Make GDAL stamp GeoPackage metadata with a fixed date (reproducible files)."""
-    key = "OGR_CURRENT_DATE"
-    before = pyogrio.get_gdal_config_option(key)
-    pyogrio.set_gdal_config_options({key: f"{year}-12-31T00:00:00.000Z"})
-    try:
-        yield
-    finally:
-        pyogrio.set_gdal_config_options({key: before})
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2) + "\n")
@@ -531,7 +517,7 @@ def _write_clc_vector(codes20: np.ndarray, transform20: Affine, crs: str, path: 
          CLC_FIELD: [str(c) for c in codes], "AREA_HA": areas},
         geometry=geoms, crs=crs,
     )
-    with _gpkg_fixed_date(year):
+    with fixed_gpkg_date(year):
         frame.to_file(path, layer=CLC_LAYER, driver="GPKG", engine="pyogrio")
     class_area: dict[int, float] = {}
     for c, a in zip(codes, areas, strict=True):
