@@ -9,6 +9,9 @@ Adam) consumes per second on the same machine. Three figures are printed:
 3. both together: patches/s of the training loop fed by the stream, against the model alone
    (on a small machine both compete for the same cores; ~1.0 means the GPU/CPU never waits).
 
+The three are measured in alternating rounds and the medians reported, because on a shared
+machine the load drifts.
+
 Usage::
 
     python benchmarks/bench_patch_stream.py                      # synthetic 2048² px mosaic
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -80,6 +84,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="LocalCluster workers")
     parser.add_argument("--threads", type=int, default=1, help="threads per worker")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.torch_threads)
@@ -96,39 +101,44 @@ def main() -> None:
         n = min(args.patches, len(index.samples("train")))
         client = get_client(kind="local", n_workers=args.workers, threads_per_worker=args.threads,
                             dashboard_address=None)
+        load_before = os.getloadavg()[0]
         try:
             stream = DaskPatchStream(index, "train", seed=0, client=client, prefetch=config.prefetch)
             stream_rate(stream, 2 * config.batch_size, config.batch_size)  # warm up workers
-            delivered = stream_rate(stream, n, config.batch_size)
-
             torch.manual_seed(0)
             model = build_model(config.encoder, len(index.bands), len(index.classes), None)
             opt = torch.optim.Adam(model.parameters(), lr=config.lr)
             batches = [b for b, _ in zip(patch_loader(stream, config.batch_size), range(4), strict=False)]
             model_step(model, opt, *batches[0])
-            steps = max(2, n // config.batch_size // 2)
-            start = time.perf_counter()
-            for i in range(steps):
-                model_step(model, opt, *batches[i % len(batches)])
-            consumed = steps * config.batch_size / (time.perf_counter() - start)
-
-            start, seen = time.perf_counter(), 0
-            for xb, yb in patch_loader(stream, config.batch_size, epoch=1):
-                model_step(model, opt, xb, yb)
-                seen += xb.shape[0]
-                if seen >= steps * config.batch_size:
-                    break
-            together = seen / (time.perf_counter() - start)
+            steps = max(2, n // config.batch_size // 4)
+            delivered, consumed, together = [], [], []
+            # alternate the measurements: on a shared machine the load drifts between them
+            for round_ in range(args.rounds):
+                stream.set_epoch(10 + round_)
+                delivered.append(stream_rate(stream, n, config.batch_size))
+                start = time.perf_counter()
+                for i in range(steps):
+                    model_step(model, opt, *batches[i % len(batches)])
+                consumed.append(steps * config.batch_size / (time.perf_counter() - start))
+                start, seen = time.perf_counter(), 0
+                for xb, yb in patch_loader(stream, config.batch_size, epoch=20 + round_):
+                    model_step(model, opt, xb, yb)
+                    seen += xb.shape[0]
+                    if seen >= steps * config.batch_size:
+                        break
+                together.append(seen / (time.perf_counter() - start))
         finally:
             client.close()
+    delivered_m, consumed_m, together_m = (statistics.median(v) for v in (delivered, consumed, together))
 
-    print(f"machine: {os.cpu_count()} cores; preset {config.name}: {config.encoder}, "
-          f"{config.patch_size} px patches, batch {config.batch_size}; LocalCluster "
-          f"{args.workers}×{args.threads} thread(s); torch threads {args.torch_threads}")
-    print(f"stream delivers        {delivered:8.1f} patches/s")
-    print(f"model step consumes    {consumed:8.1f} patches/s")
-    print(f"ratio stream / model   {delivered / consumed:8.2f}  (> 1: the stream is not the bottleneck)")
-    print(f"training fed by stream {together:8.1f} patches/s = {together / consumed:.2f} × the model alone")
+    print(f"machine: {os.cpu_count()} cores, load average {load_before:.1f} → {os.getloadavg()[0]:.1f}; "
+          f"preset {config.name}: {config.encoder}, {config.patch_size} px patches, batch {config.batch_size}; "
+          f"LocalCluster {args.workers}×{args.threads} thread(s); torch threads {args.torch_threads}; "
+          f"median of {args.rounds} rounds")
+    print(f"stream delivers        {delivered_m:8.1f} patches/s   {[round(v, 1) for v in delivered]}")
+    print(f"model step consumes    {consumed_m:8.1f} patches/s   {[round(v, 1) for v in consumed]}")
+    print(f"ratio stream / model   {delivered_m / consumed_m:8.2f}  (> 1: the stream is not the bottleneck)")
+    print(f"training fed by stream {together_m:8.1f} patches/s = {together_m / consumed_m:.2f} × the model alone")
 
 
 if __name__ == "__main__":
