@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads per worker")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
+    parser.add_argument("--no-cluster", action="store_true",
+                        help="stream with dask's local threaded scheduler instead of a LocalCluster")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.torch_threads)
@@ -99,8 +101,8 @@ def main() -> None:
         index = build_patch_index({s: mosaics[s] for s in config.seasons if s in mosaics} or mosaics, labels,
                                   patch_size=config.patch_size, bands=config.bands, split_block=config.split_block)
         n = min(args.patches, len(index.samples("train")))
-        client = get_client(kind="local", n_workers=args.workers, threads_per_worker=args.threads,
-                            dashboard_address=None)
+        client = None if args.no_cluster else get_client(
+            kind="local", n_workers=args.workers, threads_per_worker=args.threads, dashboard_address=None)
         load_before = os.getloadavg()[0]
         try:
             stream = DaskPatchStream(index, "train", seed=0, client=client, prefetch=config.prefetch)
@@ -128,12 +130,14 @@ def main() -> None:
                         break
                 together.append(seen / (time.perf_counter() - start))
         finally:
-            client.close()
+            if client is not None:
+                client.close()
     delivered_m, consumed_m, together_m = (statistics.median(v) for v in (delivered, consumed, together))
 
     print(f"machine: {os.cpu_count()} cores, load average {load_before:.1f} → {os.getloadavg()[0]:.1f}; "
           f"preset {config.name}: {config.encoder}, {config.patch_size} px patches, batch {config.batch_size}; "
-          f"LocalCluster {args.workers}×{args.threads} thread(s); torch threads {args.torch_threads}; "
+          + ("local threaded scheduler" if args.no_cluster else f"LocalCluster {args.workers}×{args.threads} thread(s)")
+          + f"; torch threads {args.torch_threads}; "
           f"median of {args.rounds} rounds")
     print(f"stream delivers        {delivered_m:8.1f} patches/s   {[round(v, 1) for v in delivered]}")
     print(f"model step consumes    {consumed_m:8.1f} patches/s   {[round(v, 1) for v in consumed]}")

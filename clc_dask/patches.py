@@ -171,11 +171,21 @@ def _check_integer(arr: xr.DataArray, what: str) -> None:
 
 @dataclass
 class _Sources:
-    """The lazily opened inputs of a patch index, cropped to whole patches."""
+    """The lazily opened inputs of a patch index.
+
+    ``mosaics``/``labels``/``clear`` are the selected bands, for whole-raster statistics.
+    ``mosaic_files``/``label_file`` are the arrays as opened (every band), for patch windows:
+    a window must be sliced straight from the opened array. Slicing a derived array (a band
+    selection) makes dask's slice fusion re-define that array's shared keys differently in
+    every submitted graph, which corrupts the distributed scheduler's state.
+    """
 
     mosaics: dict[str, xr.DataArray]
     labels: xr.DataArray
     clear: dict[str, xr.DataArray]
+    mosaic_files: dict[str, xr.DataArray]
+    band_index: dict[str, list[int]]
+    label_file: xr.DataArray
 
 
 def _open_sources(
@@ -188,6 +198,8 @@ def _open_sources(
     if not mosaics:
         raise ConfigError("No mosaic given: pass at least one --mosaic SEASON=PATH.")
     opened: dict[str, xr.DataArray] = {}
+    files: dict[str, xr.DataArray] = {}
+    band_index: dict[str, list[int]] = {}
     paths: dict[str, str] = {}
     geobox: GeoBox | None = None
     first = ""
@@ -211,6 +223,8 @@ def _open_sources(
         else:
             assert_same_grid(gbox, geobox, f"{season} mosaic", f"{first} mosaic")
         opened[season] = arr.sel(band=list(bands))
+        files[season] = arr
+        band_index[season] = [available.index(b) for b in bands]
         paths[season] = path
     assert geobox is not None and bands is not None
     label_arr, label_path = _open(labels, patch_size, "label raster")
@@ -232,8 +246,8 @@ def _open_sources(
         assert_same_grid(geobox_of(arr), geobox, f"{season} clear-count", f"{first} mosaic")
         clear[season] = arr.isel(band=0)
         clear_paths[season] = path
-    return (_Sources(opened, label_arr.isel(band=0), clear), paths, label_path, clear_paths,
-            tuple(bands), geobox)
+    sources = _Sources(opened, label_arr.isel(band=0), clear, files, band_index, label_arr)
+    return sources, paths, label_path, clear_paths, tuple(bands), geobox
 
 
 # --------------------------------------------------------------------------- per-chunk statistics
@@ -484,7 +498,9 @@ class PatchIndex:
         """Lazy (band, y, x) DN and (y, x) label code windows of one sample (chunk-aligned)."""
         src = self.sources()
         ys, xs = sample.window
-        return src.mosaics[sample.season].data[:, ys, xs], src.labels.data[ys, xs]
+        x = src.mosaic_files[sample.season].data[:, ys, xs]  # sliced from the opened array, then
+        y = src.label_file.data[:, ys, xs]  # bands picked: see _Sources
+        return x[src.band_index[sample.season]], y[0]
 
     # ---- persistence
 
@@ -798,6 +814,12 @@ def _fetch(index: PatchIndex, samples: Sequence[Sample], client: Any | None, pre
     ``prefetch`` patches are being computed ahead of the consumer: futures on the cluster with
     a client, else threads running dask's synchronous scheduler.
     """
+    if client is not None and not all((*index.mosaic_paths.values(), index.label_path)):
+        raise ConfigError(
+            "Patches of in-memory or lazily computed arrays cannot be streamed from a cluster (their "
+            "graphs would be resubmitted for every patch): write the mosaics and labels to files "
+            "first, or stream without a client."
+        )
     prefetch = max(1, int(prefetch))
     group = max(1, min(int(group), prefetch))
     in_flight = max(1, math.ceil(prefetch / group))
@@ -805,7 +827,9 @@ def _fetch(index: PatchIndex, samples: Sequence[Sample], client: Any | None, pre
     pending: deque[Any] = deque()
 
     def windows(part: list[Sample]) -> list[da.Array]:
-        return [w for sample in part for w in index.windows(sample)]
+        # one stacked array per input and group: 2 result keys per group instead of 2 per patch
+        pairs = [index.windows(sample) for sample in part]
+        return [da.stack([x for x, _ in pairs]), da.stack([y for _, y in pairs])]
 
     if client is not None:
         def submit(part: list[Sample]) -> Any:
@@ -815,7 +839,9 @@ def _fetch(index: PatchIndex, samples: Sequence[Sample], client: Any | None, pre
             return client.gather(item)
 
         def cancel(item: Any) -> None:
-            client.cancel(item)
+            # Only drop our references (the scheduler forgets unreferenced futures). client.cancel
+            # would cancel the *keys*, which the next epoch may request again at the same moment.
+            pass
 
         pool = None
     else:
@@ -840,9 +866,8 @@ def _fetch(index: PatchIndex, samples: Sequence[Sample], client: Any | None, pre
             nxt = next(todo, None)
             if nxt is not None:
                 pending.append(submit(nxt))
-            arrays = result(item)
-            for i in range(0, len(arrays), 2):
-                yield np.asarray(arrays[i]), np.asarray(arrays[i + 1])
+            xs, ys = result(item)
+            yield from zip(np.asarray(xs), np.asarray(ys), strict=True)
     finally:
         for item in pending:
             cancel(item)

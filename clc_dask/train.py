@@ -721,7 +721,10 @@ def train_demo(
         labels: the CLC label raster on the same grid.
         out_dir: working folder of the demo's training stage.
         preset: a preset name (``clc_dask.presets``); ``cpu-demo`` fits 2 CPU cores.
-        client: a ``distributed.Client`` (e.g. the demo's LocalCluster); None = local threads.
+        client: a ``distributed.Client`` to stream patches from; None = dask's threaded scheduler
+            in this process. On a 2-core machine keep None: a LocalCluster on the same cores
+            competes with the model step (measured ~2× slower training, see
+            ``benchmarks/bench_patch_stream.py``).
         clear_counts: optional season → clear-count raster.
         progress: progress bar (default: when stderr is a terminal).
         epochs: override the preset's number of epochs (e.g. a quick look).

@@ -313,11 +313,18 @@ def test_stream_from_distributed_client_equals_local(index):
 
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        remote = list(patch_loader(DaskPatchStream(index, "val", client=client, prefetch=4), 4, 0))
-    local = list(patch_loader(DaskPatchStream(index, "val", prefetch=4), 4, 0))
-    assert len(remote) == len(local)
-    for (xa, ya), (xb, yb) in zip(remote, local, strict=True):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        stream = DaskPatchStream(index, "train", client=client, prefetch=8)
+        for epoch in (0, 1):  # abandoned mid-epoch: its futures must not disturb the next requests
+            for i, _ in enumerate(patch_loader(stream, 4, epoch)):
+                if i == 2:
+                    break
+        remote = [list(patch_loader(stream, 4, epoch)) for epoch in (0, 1)]
+    local = DaskPatchStream(index, "train", prefetch=4)
+    for epoch in (0, 1):
+        expected = list(patch_loader(local, 4, epoch))
+        assert len(remote[epoch]) == len(expected)
+        for (xa, ya), (xb, yb) in zip(remote[epoch], expected, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
 def test_cli_patches(tmp_path, scene):
