@@ -37,6 +37,13 @@ REFLECTANCE_BANDS: tuple[str, ...] = ("B02", "B03", "B04", "B08")
 SCL_BAND = "SCL"
 CANONICAL_BANDS: tuple[str, ...] = (*REFLECTANCE_BANDS, SCL_BAND)
 
+#: Band order of each composite (paper: RGB = B04,B03,B02; NRG = B08,B04,B03).
+COMPOSITES: dict[str, tuple[str, ...]] = {
+    "rgb": ("B04", "B03", "B02"),
+    "nrg": ("B08", "B04", "B03"),
+    "all": ("B02", "B03", "B04", "B08"),
+}
+
 #: Asset keys used for each canonical band by the catalogs we know, most specific first.
 ASSET_KEYS: dict[str, tuple[str, ...]] = {
     "B02": ("B02", "blue", "b02"),

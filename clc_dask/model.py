@@ -24,6 +24,7 @@ from torch import nn
 
 from clc_dask.classes import ClassTable
 from clc_dask.errors import CheckpointError, ConfigError
+from clc_dask.items import COMPOSITES
 from clc_dask.rasters import atomic_path
 
 log = logging.getLogger(__name__)
@@ -159,12 +160,6 @@ class Checkpoint:
         }
 
 
-#: Band orders of the named composites (paper: RGB = B04,B03,B02; NRG = B08,B04,B03).
-COMPOSITES: dict[str, tuple[str, ...]] = {
-    "rgb": ("B04", "B03", "B02"),
-    "nrg": ("B08", "B04", "B03"),
-    "all": ("B02", "B03", "B04", "B08"),
-}
 
 
 def composite_name(bands: Sequence[str]) -> str:

@@ -28,18 +28,12 @@ import numpy as np
 import xarray as xr
 
 from clc_dask.errors import ConfigError, InputError, OutputError
-from clc_dask.items import SCL_BAND
+from clc_dask.items import COMPOSITES, SCL_BAND
 from clc_dask.rasters import check_writable, geobox_of, to_dataarray, write_geotiff
 
 log = logging.getLogger(__name__)
 
 Composite = Literal["rgb", "nrg", "all"]
-#: Band order of each composite.
-COMPOSITES: dict[str, tuple[str, ...]] = {
-    "rgb": ("B04", "B03", "B02"),
-    "nrg": ("B08", "B04", "B03"),
-    "all": ("B02", "B03", "B04", "B08"),
-}
 #: SCL classes that never count as a clear observation.
 MASKED_SCL_CLASSES: tuple[int, ...] = (0, 1, 3, 8, 9, 10)
 SNOW_SCL_CLASS = 11
