@@ -35,9 +35,16 @@ from odc.geo.geobox import GeoBox
 from clc_dask.classes import colormap
 from clc_dask.cluster import get_client
 from clc_dask.model import build_model
-from clc_dask.patches import DaskPatchStream, build_patch_index, patch_loader
+from clc_dask.patches import (
+    DaskPatchStream,
+    ZarrPatchDataset,
+    build_patch_index,
+    cache_patches,
+    patch_loader,
+)
 from clc_dask.presets import get_preset
 from clc_dask.rasters import to_dataarray, write_geotiff
+from clc_dask.train import _amp_dtype
 
 SPECTRA = {11: (1300, 1200, 1100, 1700), 21: (700, 900, 800, 3200), 31: (350, 550, 300, 3800),
            51: (500, 400, 250, 150)}
@@ -67,11 +74,26 @@ def stream_rate(stream: DaskPatchStream, n: int, batch_size: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def model_step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor) -> None:
+def model_step(model: torch.nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
+               amp: torch.dtype | None = None) -> None:
+    """One training step as the trainer runs it: channels-last input, the preset's autocast."""
     opt.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(model(xb), yb.long(), ignore_index=255)
+    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        logits = model(xb.contiguous(memory_format=torch.channels_last))
+    loss = torch.nn.functional.cross_entropy(logits.float(), yb.long(), ignore_index=255)
     loss.backward()
     opt.step()
+
+
+def cache_rate(index, store: Path, n: int, batch_size: int) -> float:
+    """Patches/s read back from the Zarr cache (written once beforehand)."""
+    dataset = ZarrPatchDataset(store, "train", index=index, seed=0)
+    start, seen = time.perf_counter(), 0
+    for xb, _ in patch_loader(dataset, batch_size, epoch=0):
+        seen += xb.shape[0]
+        if seen >= n:
+            break
+    return seen / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -108,23 +130,27 @@ def main() -> None:
             stream = DaskPatchStream(index, "train", seed=0, client=client, prefetch=config.prefetch)
             stream_rate(stream, 2 * config.batch_size, config.batch_size)  # warm up workers
             torch.manual_seed(0)
-            model = build_model(config.encoder, len(index.bands), len(index.classes), None)
+            model = build_model(config.encoder, len(index.bands), len(index.classes), None,
+                                decoder_channels=config.decoder_channels).to(memory_format=torch.channels_last)
+            amp = _amp_dtype(config, torch.device("cpu"))
             opt = torch.optim.Adam(model.parameters(), lr=config.lr)
             batches = [b for b, _ in zip(patch_loader(stream, config.batch_size), range(4), strict=False)]
-            model_step(model, opt, *batches[0])
+            model_step(model, opt, *batches[0], amp=amp)
+            store = cache_patches(index, Path(tmp) / "cache.zarr", client=client, prefetch=config.prefetch)
             steps = max(2, n // config.batch_size // 4)
-            delivered, consumed, together = [], [], []
+            delivered, consumed, together, cached = [], [], [], []
             # alternate the measurements: on a shared machine the load drifts between them
             for round_ in range(args.rounds):
                 stream.set_epoch(10 + round_)
                 delivered.append(stream_rate(stream, n, config.batch_size))
+                cached.append(cache_rate(index, store, n, config.batch_size))
                 start = time.perf_counter()
                 for i in range(steps):
-                    model_step(model, opt, *batches[i % len(batches)])
+                    model_step(model, opt, *batches[i % len(batches)], amp=amp)
                 consumed.append(steps * config.batch_size / (time.perf_counter() - start))
                 start, seen = time.perf_counter(), 0
                 for xb, yb in patch_loader(stream, config.batch_size, epoch=20 + round_):
-                    model_step(model, opt, xb, yb)
+                    model_step(model, opt, xb, yb, amp=amp)
                     seen += xb.shape[0]
                     if seen >= steps * config.batch_size:
                         break
@@ -132,10 +158,12 @@ def main() -> None:
         finally:
             if client is not None:
                 client.close()
-    delivered_m, consumed_m, together_m = (statistics.median(v) for v in (delivered, consumed, together))
+    delivered_m, consumed_m, together_m, cached_m = (statistics.median(v) for v in
+                                                     (delivered, consumed, together, cached))
 
     print(f"machine: {os.cpu_count()} cores, load average {load_before:.1f} → {os.getloadavg()[0]:.1f}; "
-          f"preset {config.name}: {config.encoder}, {config.patch_size} px patches, batch {config.batch_size}; "
+          f"preset {config.name}: {config.encoder}, {config.patch_size} px patches, batch {config.batch_size}, "
+          f"autocast {amp}; "
           + ("local threaded scheduler" if args.no_cluster else f"LocalCluster {args.workers}×{args.threads} thread(s)")
           + f"; torch threads {args.torch_threads}; "
           f"median of {args.rounds} rounds")
@@ -143,6 +171,8 @@ def main() -> None:
     print(f"model step consumes    {consumed_m:8.1f} patches/s   {[round(v, 1) for v in consumed]}")
     print(f"ratio stream / model   {delivered_m / consumed_m:8.2f}  (> 1: the stream is not the bottleneck)")
     print(f"training fed by stream {together_m:8.1f} patches/s = {together_m / consumed_m:.2f} × the model alone")
+    print(f"Zarr cache delivers    {cached_m:8.1f} patches/s   {[round(v, 1) for v in cached]}  "
+          f"(ratio to the model {cached_m / consumed_m:.2f})")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from clc_dask.model import (
     ENCODERS,
     Checkpoint,
     build_model,
+    check_decoder_channels,
     composite_bands,
     composite_name,
     load_checkpoint,
@@ -79,6 +80,8 @@ class TrainConfig(BaseModel):
 
     name: str | None = Field(None, description="preset name this config came from (provenance only)")
     encoder: str = Field("resnet34", description="resnet18/34 (CPU) or resnet50/101 (paper)")
+    decoder_channels: tuple[int, ...] | None = Field(
+        None, description="U-Net decoder channels, deepest stage first (None: 256,128,64,32,16)")
     encoder_weights: Literal["imagenet"] | None = Field(
         None, description="'imagenet' to start from pretrained weights (falls back to None offline)")
     composite: str = Field("nrg", description="rgb, nrg, all, or a comma list of bands")
@@ -101,12 +104,15 @@ class TrainConfig(BaseModel):
         "constant", description="constant (paper), or cosine decay to 0 over all steps (short runs)")
     weight_decay: float = Field(0.0, ge=0)
     loss: Literal["ce", "ce+dice"] = Field("ce", description="cross-entropy (ignore 255), optionally + Dice")
-    class_weights: Literal["none", "inverse-frequency"] = "none"
+    class_weights: Literal["none", "inverse-frequency", "inverse-sqrt-frequency"] = Field(
+        "none", description="cross-entropy weight per class from its training pixels: 1/n, or the "
+        "milder 1/√n (lifts rare classes without drowning the common ones); mean 1 over classes")
     augment: bool = Field(True, description="random flips and 90° rotations, same for image and labels")
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = Field(
-        "auto", description="mixed precision on CUDA (auto = bf16 where supported, else fp16)")
+        "auto", description="mixed precision: auto = on CUDA only (bf16 where supported, else fp16); "
+        "bf16 = bfloat16 autocast on CUDA or on CPUs with native bf16 (AVX512-BF16/AMX)")
     num_workers: int = Field(0, ge=0, description="DataLoader workers (Zarr cache only)")
     prefetch: int = Field(16, ge=1, description="patches computed ahead of the model (stream)")
     data: Literal["stream", "zarr"] = Field("stream", description="stream from Dask, or cache to Zarr first")
@@ -118,6 +124,16 @@ class TrainConfig(BaseModel):
         if value not in ENCODERS:
             raise ValueError(f"unknown encoder {value!r}: choose one of {', '.join(ENCODERS)}")
         return value
+
+    @field_validator("decoder_channels")
+    @classmethod
+    def _five_stages(cls, value: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if value is None:
+            return None
+        try:
+            return check_decoder_channels(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc).rstrip(".")) from None
 
     @field_validator("patch_size")
     @classmethod
@@ -288,8 +304,23 @@ def _device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); else bf16 is emulated (slow)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
 def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or config.amp == "off":
+    """The autocast dtype of training on ``device`` (None = float32)."""
+    if config.amp == "off":
+        return None
+    if device.type == "cpu":
+        if config.amp == "bf16" and cpu_has_bf16():
+            return torch.bfloat16
+        if config.amp in ("bf16", "fp16"):
+            log.warning("amp=%s is not available on this CPU (no native bfloat16): training in float32.",
+                        config.amp)
         return None
     if config.amp == "fp16" or (config.amp == "auto" and not torch.cuda.is_bf16_supported()):
         return torch.float16
@@ -323,11 +354,12 @@ def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tup
     return torch.stack(xs), torch.stack(ys)
 
 
-def _class_weights(index: PatchIndex) -> torch.Tensor:
-    """Inverse pixel frequency of each class in the training split, mean 1 over present classes."""
+def _class_weights(index: PatchIndex, power: float = 1.0) -> torch.Tensor:
+    """Inverse pixel frequency (to ``power``) of each class in the training split, mean 1 over
+    present classes; absent classes get 0."""
     stats = index.class_statistics()
     counts = stats["train_pixels"].to_numpy(dtype=np.float64)
-    weights = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max(1, (counts > 0).sum()), 0.0)
+    weights = np.where(counts > 0, (counts.sum() / np.maximum(counts, 1)) ** power, 0.0)
     present = weights > 0
     weights[present] /= weights[present].mean()
     return torch.tensor(weights, dtype=torch.float32)
@@ -429,7 +461,7 @@ def _validate(model: nn.Module, loader: Any, n_classes: int, device: torch.devic
     loss_sum, pixels = 0.0, 0
     with torch.no_grad():
         for xb, yb in loader:
-            xb = xb.to(device)
+            xb = xb.to(device, memory_format=torch.channels_last)
             yb = yb.to(device).long()
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 logits = model(xb)
@@ -544,6 +576,12 @@ def train(
                 f"The checkpoint {init_checkpoint} has a {init.encoder} encoder but the config asks for "
                 f"{config.encoder}: pass --encoder {init.encoder} to fine-tune it."
             )
+        if init.decoder_channels != check_decoder_channels(config.decoder_channels):
+            raise ConfigError(
+                f"The checkpoint {init_checkpoint} has decoder channels {list(init.decoder_channels)} but "
+                f"the config asks for {list(check_decoder_channels(config.decoder_channels))}: fine-tune "
+                "it with the same decoder_channels."
+            )
     check_writable(out_dir / METRICS_CSV)
     device = _device(config.device)
     amp = _amp_dtype(config, device)
@@ -559,15 +597,17 @@ def train(
         random.seed(config.seed)
         # weights come from a checkpoint when resuming or fine-tuning: no ImageNet download then
         model = build_model(config.encoder, len(index.bands), n_classes,
-                            None if (state or init) else config.encoder_weights)
+                            None if (state or init) else config.encoder_weights,
+                            decoder_channels=config.decoder_channels)
         weights_used = getattr(model, "encoder_weights_used", config.encoder_weights)
         if init is not None:
             weights_used = init.encoder_weights
         if init is not None:
             model.load_state_dict(init.state_dict)
             log.info("starting from the weights of %s", init_checkpoint)
-        model.to(device)
-        weights = _class_weights(index).to(device) if config.class_weights == "inverse-frequency" else None
+        model.to(device, memory_format=torch.channels_last)  # NHWC: faster convolutions (CPU and GPU)
+        power = {"inverse-frequency": 1.0, "inverse-sqrt-frequency": 0.5}.get(config.class_weights)
+        weights = _class_weights(index, power).to(device) if power else None
         criterion = _Loss(config.loss, weights).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -607,6 +647,7 @@ def train(
                                  "scaler": scaler.state_dict() if scaler.is_enabled() else None}
                 if with_optimizer else None,
                 rng_state=_rng_state(epoch) if with_optimizer else None, encoder_weights=weights_used,
+                decoder_channels=check_decoder_channels(config.decoder_channels),
             )
 
         log.info("training %s U-Net/%s on %s: %d train / %d val patches, %d classes, epochs %d→%d, device %s",
@@ -626,7 +667,7 @@ def train(
                 _set_lr(optimizer, config, epoch * steps_per_epoch + step, config.epochs * steps_per_epoch)
                 if config.augment:
                     xb, yb = augment(xb, yb, generator)
-                xb = xb.to(device, non_blocking=True)
+                xb = xb.to(device, non_blocking=True, memory_format=torch.channels_last)
                 yb = yb.to(device, non_blocking=True).long()
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -721,9 +762,10 @@ def train_demo(
         labels: the CLC label raster on the same grid.
         out_dir: working folder of the demo's training stage.
         preset: a preset name (``clc_dask.presets``); ``cpu-demo`` fits 2 CPU cores.
-        client: a ``distributed.Client`` to stream patches from; None = dask's threaded scheduler
-            in this process. On a 2-core machine keep None: a LocalCluster on the same cores
-            competes with the model step (measured ~2× slower training, see
+        client: a ``distributed.Client`` that computes the patch index and the patches; None =
+            dask's threaded scheduler in this process. ``cpu-demo`` caches the patches to Zarr
+            once (on the cluster) and trains from the cache, so a LocalCluster on the same cores
+            never competes with the model step (streaming from it would: see
             ``benchmarks/bench_patch_stream.py``).
         clear_counts: optional season → clear-count raster.
         progress: progress bar (default: when stderr is a terminal).

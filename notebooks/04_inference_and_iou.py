@@ -101,7 +101,7 @@ generalized_path = write_prediction(generalized, paths.predict / "generalized_se
 generalized = open_raster(generalized_path, chunks=CHUNK_SIZE).isel(band=0, drop=True)
 
 # %% [markdown]
-# The `cpu-demo` model has only ever seen 64 px patches without surroundings. For comparison, the
+# The `cpu-demo` model has only ever seen 128 px patches without surroundings. For comparison, the
 # same mosaic mapped the way it was trained: windows of the patch size, no halo.
 
 # %%
@@ -137,9 +137,8 @@ print({name: f"{mask.mean():.0%} of the region" for name, mask in masks.items()}
 # %% [markdown]
 # ## Evaluation and the paper-style table
 # IoU per class (columns, CLC codes) for each map and area (rows), and the mIoU over the classes
-# present in the reference — the layout of the paper's Tables 3–5. A model trained on small
-# patches can score better mapped window by window as it was trained than with wider context;
-# the paper's presets train on 128–256 px patches.
+# present in the reference — the layout of the paper's Tables 3–5. Mapped window by window as it
+# was trained, the model has no context across window edges; with a halo every pixel has some.
 
 # %%
 reports = {

@@ -79,3 +79,35 @@ def test_normalization_keeps_nodata_zero():
     assert out[0, 1, 0, 1].item() == pytest.approx(1.0)
     stats = band_statistics(np.array([[[0, 1000, 3000]], [[0, 2000, 2000]]], dtype=np.uint16))
     assert stats.mean == pytest.approx((0.2, 0.2)) and stats.std == pytest.approx((0.1, 0.0), abs=1e-6)
+
+
+def test_decoder_channels_are_part_of_the_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    table = ClassTable(2, [11, 21, 31])
+    light = (128, 64, 32, 16, 8)
+    model = build_model("resnet18", 3, len(table), decoder_channels=light)
+    assert model.decoder.blocks[0].conv1[0].out_channels == 128
+    assert model.segmentation_head[0].in_channels == 8
+    ck = Checkpoint("resnet18", ("B08", "B04", "B03"), table, Normalization((0.2,) * 3, (0.1,) * 3),
+                    model.state_dict(), decoder_channels=light)
+    loaded = load_checkpoint(save_checkpoint(ck, tmp_path / "light.pt"))
+    assert loaded.decoder_channels == light
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), loaded.build_model()(x))
+
+
+def test_checkpoints_without_decoder_channels_use_the_default(checkpoint):
+    path, model = checkpoint
+    payload = torch.load(path, weights_only=True)
+    del payload["model"]["decoder_channels"]  # as written before the field existed
+    torch.save(payload, path)
+    loaded = load_checkpoint(path)
+    assert loaded.decoder_channels == (256, 128, 64, 32, 16)
+    assert loaded.build_model().decoder.blocks[0].conv1[0].out_channels == 256
+
+
+@pytest.mark.parametrize("channels", [(128, 64, 32), (128, 64, 32, 16, 0), (128, 64, 32, 16, 8.5)])
+def test_bad_decoder_channels(channels):
+    with pytest.raises(ConfigError, match="decoder_channels.*5 positive integers"):
+        build_model("resnet18", 3, 5, decoder_channels=channels)

@@ -292,20 +292,30 @@ def test_cli_train_resume_and_errors(tmp_path, scene, index):
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.slow
-def test_cpu_demo_preset_reaches_miou_on_demo_region(tmp_path):
-    """The issue's done-when line (about 10 min on 2 cores): demo region → mosaic → cpu-demo preset."""
-    from clc_dask.demo.region import build_region
-    from clc_dask.items import normalize_items
-    from clc_dask.load import load_scenes
-    from clc_dask.mosaic import composite_bands, seasonal_mosaic, write_mosaic
-    from clc_dask.train import train_demo
+def test_light_decoder_bf16_and_sqrt_class_weights(tmp_path, index):
+    """The CPU preset's settings: a lighter decoder recorded in the checkpoint, bf16 autocast on
+    CPUs that have it, and class weights ∝ 1/√pixels (mean 1 over the classes present)."""
+    from clc_dask.train import _amp_dtype, _class_weights, cpu_has_bf16
 
-    region = build_region(tmp_path / "region", size=4096, seed=0)
-    bands = composite_bands("nrg")
-    items = [it for it, sc in zip(region.items(), region.scenes, strict=True) if sc.season == "september"]
-    scenes = load_scenes(normalize_items(items, bands), region.geobox, bands=bands, chunksize=1024)
-    mosaic = write_mosaic(seasonal_mosaic(scenes, composite="nrg"), tmp_path / "mosaic_september.tif")[0]
-    torch.set_num_threads(os.cpu_count() or 1)
-    result = train_demo({"september": mosaic}, region.codes_path, tmp_path / "train")
-    assert result.best_val_miou >= 0.75
+    config = small_config(index, epochs=1, decoder_channels=(64, 32, 16, 16, 8), amp="bf16",
+                          class_weights="inverse-sqrt-frequency")
+    result = train(config, index, tmp_path / "light", progress=False)
+    ckpt = load_checkpoint(result.checkpoint)
+    assert ckpt.decoder_channels == (64, 32, 16, 16, 8)
+    assert ckpt.build_model().segmentation_head[0].in_channels == 8
+    assert np.isfinite(result.history[0]["train_loss"])
+    expected = torch.bfloat16 if cpu_has_bf16() else None
+    assert _amp_dtype(config, torch.device("cpu")) is expected
+    assert _amp_dtype(small_config(index), torch.device("cpu")) is None  # auto: CUDA only
+
+    pixels = index.class_statistics()["train_pixels"].to_numpy(dtype=float)
+    weights = _class_weights(index, 0.5).numpy()
+    present = pixels > 0
+    assert np.allclose(weights[present].mean(), 1.0) and (weights[~present] == 0).all()
+    ratio = weights[present] * np.sqrt(pixels[present])
+    assert np.allclose(ratio, ratio[0], rtol=1e-5), "weights are not ∝ 1/√pixels"
+
+    with pytest.raises(ConfigError, match="decoder_channels.*5 positive integers"):
+        make_train_config(config, decoder_channels=(64, 32))
+    with pytest.raises(ConfigError, match="decoder channels \\[64, 32, 16, 16, 8\\]"):
+        train(small_config(index), index, tmp_path / "ft", init_checkpoint=result.checkpoint)

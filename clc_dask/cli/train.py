@@ -45,6 +45,14 @@ def print_result(result: TrainResult) -> None:
     typer.echo(f"Checkpoint {result.checkpoint}; best {result.best_checkpoint}; metrics {result.metrics_csv}")
 
 
+def _channels(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        raise ConfigError(f"--decoder-channels {text!r} must be whole numbers separated by commas, "
+                          "e.g. 128,64,32,16,8.") from None
+
+
 def register(app: typer.Typer) -> None:
     """Add the `train` command to `app`."""
 
@@ -72,8 +80,13 @@ def register(app: typer.Typer) -> None:
         encoder_weights: Annotated[str | None, typer.Option("--encoder-weights", help="imagenet or "
                                    "none.")] = None,
         loss: Annotated[str | None, typer.Option("--loss", help="ce or ce+dice.")] = None,
-        class_weights: Annotated[str | None, typer.Option("--class-weights", help="none or "
-                                 "inverse-frequency.")] = None,
+        class_weights: Annotated[str | None, typer.Option("--class-weights", help="none, "
+                                 "inverse-frequency or inverse-sqrt-frequency.")] = None,
+        decoder_channels: Annotated[str | None, typer.Option("--decoder-channels", help="U-Net decoder "
+                                    "channels, deepest first, e.g. 128,64,32,16,8 (default "
+                                    "256,128,64,32,16).")] = None,
+        amp: Annotated[str | None, typer.Option("--amp", help="Mixed precision: auto (CUDA only), "
+                       "bf16 (CUDA, or CPUs with native bfloat16), fp16 (CUDA) or off.")] = None,
         augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Random flips "
                            "and 90° rotations.")] = None,
         seed: Annotated[int | None, typer.Option("--seed")] = None,
@@ -105,7 +118,8 @@ def register(app: typer.Typer) -> None:
         overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, encoder=encoder,
                          encoder_weights=encoder_weights, loss=loss, class_weights=class_weights,
                          augment=augment, seed=seed, device=device, data=data, num_workers=num_workers,
-                         val_every=val_every)
+                         val_every=val_every, amp=amp,
+                         decoder_channels=_channels(decoder_channels) if decoder_channels else None)
         base: TrainConfig | None = get_preset(preset) if preset else None
         check_out_dir(out, resume=resume, overwrite=overwrite)
         client = get_cli_client(address)
