@@ -318,9 +318,11 @@ def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     if device.type == "cpu":
         if config.amp == "bf16" and cpu_has_bf16():
             return torch.bfloat16
-        if config.amp in ("bf16", "fp16"):
-            log.warning("amp=%s is not available on this CPU (no native bfloat16): training in float32.",
-                        config.amp)
+        if config.amp == "bf16":
+            log.warning("amp=bf16: this CPU has no native bfloat16 (AVX512-BF16/AMX), where it would be "
+                        "slower than float32: training in float32.")
+        elif config.amp == "fp16":
+            log.warning("amp=fp16 is for CUDA devices: training on the CPU in float32.")
         return None
     if config.amp == "fp16" or (config.amp == "auto" and not torch.cuda.is_bf16_supported()):
         return torch.float16
