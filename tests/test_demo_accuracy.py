@@ -72,3 +72,17 @@ def test_held_out_report_equals_scikit_learn_on_the_demo_maps(demo):
     prediction = open_raster(demo.outputs["prediction"]).values[0][rows]
     assert_matches_sklearn(report, reference, prediction)
     assert report["valid_pixels"] == int(np.count_nonzero(reference))
+
+    # torchmetrics on the same pixels: predictions outside the scored codes form one extra class
+    import torch
+    from torchmetrics.classification import MulticlassConfusionMatrix
+
+    codes = report["codes"]
+    lookup = np.full(256, len(codes), dtype=np.int64)
+    lookup[codes] = np.arange(len(codes))
+    valid = np.isin(reference, codes)
+    target = torch.from_numpy(lookup[reference[valid]])
+    preds = torch.from_numpy(lookup[prediction[valid]])
+    matrix = MulticlassConfusionMatrix(num_classes=len(codes) + 1)(preds, target).numpy()
+    np.testing.assert_array_equal(np.array(report["confusion_matrix"]), matrix[:-1, :-1])
+    assert [report["missed_pixels"][str(c)] for c in codes] == matrix[:-1, -1].tolist()

@@ -289,7 +289,14 @@ def test_cli_train_resume_and_errors(tmp_path, scene, index):
     bad = CliRunner().invoke(app, ["train", "--preset", "nope", "--patches", str(scene[0] / "index"),
                                    "--out", str(tmp_path / "w")])
     assert isinstance(bad.exception, ConfigError) and "septapr-nrg-r101-128" in str(bad.exception)
+    for option, message in (("64,x", "whole numbers"), ("64,32", "5 positive integers")):
+        bad_decoder = CliRunner().invoke(app, [*base[:-3], "--out", str(tmp_path / "w"), "--decoder-channels", option])
+        assert isinstance(bad_decoder.exception, ConfigError) and message in str(bad_decoder.exception)
     assert not (tmp_path / "w").exists()
+    light = CliRunner().invoke(app, [*base[:-3], "--out", str(tmp_path / "light"), "--epochs", "1", "--no-progress",
+                                     "--decoder-channels", "32,32,16,16,8", "--amp", "off"])
+    assert light.exit_code == 0, light.output
+    assert load_checkpoint(tmp_path / "light" / CHECKPOINT_FILE).decoder_channels == (32, 32, 16, 16, 8)
 
 
 def test_light_decoder_bf16_and_sqrt_class_weights(tmp_path, index):
