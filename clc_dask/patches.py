@@ -1062,10 +1062,13 @@ class ZarrPatchDataset(Dataset):
         seed: seeds the per-epoch order.
         shuffle: shuffle each epoch (default: for ``train`` only).
         limit: at most this many samples per epoch (a different seeded subset each epoch).
+        preload: read the whole split into memory on first use (one bulk read instead of one
+            read per sample and epoch); for splits that fit in memory, with ``num_workers=0``.
     """
 
     def __init__(self, store: str | os.PathLike[str], split: str = "train", *, index: PatchIndex | None = None,
-                 seed: int = 0, shuffle: bool | None = None, limit: int | None = None) -> None:
+                 seed: int = 0, shuffle: bool | None = None, limit: int | None = None,
+                 preload: bool = False) -> None:
         if split not in SPLITS:
             raise ConfigError(f"split must be one of {SPLITS}, not {split!r}.")
         self.store = Path(store)
@@ -1089,23 +1092,40 @@ class ZarrPatchDataset(Dataset):
         self.seed = seed
         self.shuffle = (split == "train") if shuffle is None else shuffle
         self.limit = limit
+        self.preload = preload
         self._arrays: tuple[Any, Any] | None = None
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the split's patches (images and labels) as stored uncompressed."""
+        _, x_arr, y_arr = _open_cache(self.store)
+        per_row = (math.prod(x_arr.shape[1:]) * x_arr.dtype.itemsize
+                   + math.prod(y_arr.shape[1:]) * y_arr.dtype.itemsize)
+        return per_row * len(self._rows)
+
+    def _open(self) -> tuple[Any, Any]:
         if self._arrays is None:  # opened lazily: once per loader worker process
             _, x_arr, y_arr = _open_cache(self.store)
-            self._arrays = (x_arr, y_arr)
-        row = self._rows[i]
-        x = self._arrays[0][row]
-        y = self._arrays[1][row]
-        return _to_tensors(x, y, self.normalization, self.classes)
+            if self.preload:  # the split's samples in order: sample i is row i of these arrays
+                rows = (np.asarray(self._rows, dtype=np.int64),)
+                self._arrays = (x_arr.get_orthogonal_selection(rows), y_arr.get_orthogonal_selection(rows))
+                log.info("read %d %s patches of %s into memory", len(self._rows), self.split, self.store)
+            else:
+                self._arrays = (x_arr, y_arr)
+        return self._arrays
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x_arr, y_arr = self._open()
+        row = i if self.preload else self._rows[i]
+        return _to_tensors(x_arr[row], y_arr[row], self.normalization, self.classes)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_arrays"] = None
+        if not self.preload:  # Zarr handles are reopened in each loader worker
+            state["_arrays"] = None
         return state
 
     def sampler(self) -> EpochSampler:

@@ -64,6 +64,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 BEST_FILE = "best.pt"
 METRICS_CSV = "metrics.csv"
 METRICS_JSON = "metrics.json"
+#: A Zarr patch cache up to this size (bytes, uncompressed) is read into memory once when
+#: training with ``num_workers=0``, instead of once per sample and epoch.
+PRELOAD_MAX_BYTES = 2 * 1024**3
 #: Settings that may change when resuming (they do not change the numbers, or only extend the run).
 RESUMABLE_CHANGES = frozenset({"epochs", "device", "num_workers", "prefetch", "data", "name"})
 
@@ -515,8 +518,12 @@ def _datasets(config: TrainConfig, index: PatchIndex, out_dir: Path, client: Any
     if config.data == "zarr":
         store = cache_store or (index.directory / CACHE_STORE if index.directory else out_dir / CACHE_STORE)
         cache_patches(index, store, client=client, prefetch=config.prefetch)
-        return (ZarrPatchDataset(store, "train", index=index, seed=config.seed, limit=config.patches_per_epoch),
-                ZarrPatchDataset(store, "val", index=index, seed=config.seed))
+        splits = [ZarrPatchDataset(store, "train", index=index, seed=config.seed, limit=config.patches_per_epoch),
+                  ZarrPatchDataset(store, "val", index=index, seed=config.seed)]
+        if config.num_workers == 0 and sum(ds.nbytes for ds in splits) <= PRELOAD_MAX_BYTES:
+            for ds in splits:  # one bulk read instead of one per sample and epoch
+                ds.preload = True
+        return splits[0], splits[1]
     return (DaskPatchStream(index, "train", seed=config.seed, client=client, prefetch=config.prefetch,
                             limit=config.patches_per_epoch),
             DaskPatchStream(index, "val", seed=config.seed, client=client, prefetch=config.prefetch))

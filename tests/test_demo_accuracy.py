@@ -21,6 +21,9 @@ from clc_dask.presets import PRESETS
 from clc_dask.rasters import open_raster
 
 TARGET_MIOU = 0.75
+#: The module's fixture builds and trains the whole demo (~9 min here; a CPU without native
+#: bfloat16 trains in float32, about twice as long): more than the suite's per-test default.
+pytestmark = pytest.mark.timeout(2400)
 
 
 @pytest.fixture(scope="module")

@@ -266,16 +266,20 @@ def test_stream_and_zarr_cache_give_identical_batches(tmp_path, index):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary store left"
     stream = DaskPatchStream(index, "train", seed=5, prefetch=4)
     cached = ZarrPatchDataset(store, "train", index=index, seed=5)
-    assert cached.samples == stream.samples
+    preloaded = ZarrPatchDataset(store, "train", index=index, seed=5, preload=True)
+    assert cached.samples == stream.samples == preloaded.samples
+    assert preloaded.nbytes == len(stream) * (3 * 2 + 1) * index.patch_size**2  # uint16 DN, uint8 codes
     firsts = []
     for epoch in (0, 1):
         a = list(patch_loader(stream, 8, epoch))
         b = list(patch_loader(cached, 8, epoch, num_workers=0))
-        assert len(a) == len(b) == -(-len(stream) // 8)
-        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
-            assert xa.numpy().tobytes() == xb.numpy().tobytes()
-            assert ya.numpy().tobytes() == yb.numpy().tobytes()
+        c = list(patch_loader(preloaded, 8, epoch))
+        assert len(a) == len(b) == len(c) == -(-len(stream) // 8)
+        for (xa, ya), (xb, yb), (xc, yc) in zip(a, b, c, strict=True):
+            assert xa.numpy().tobytes() == xb.numpy().tobytes() == xc.numpy().tobytes()
+            assert ya.numpy().tobytes() == yb.numpy().tobytes() == yc.numpy().tobytes()
         firsts.append(a[0][0])
+    assert isinstance(preloaded._arrays[0], np.ndarray), "the preloaded split is held in memory"
     assert not torch.equal(firsts[0], firsts[1]), "epochs should be shuffled differently"
     # a per-epoch cap takes the same seeded subset on both paths, another one each epoch
     capped = DaskPatchStream(index, "train", seed=5, limit=10)
