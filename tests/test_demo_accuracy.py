@@ -10,9 +10,11 @@ prediction and scoring 1 min); the step timings are printed for the record, neve
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
+import torch
 
 from clc_dask.demo import DEFAULT_SIZE, run_demo
 from clc_dask.demo.chain import held_out_rows
@@ -28,7 +30,13 @@ pytestmark = pytest.mark.timeout(2400)
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    ctx = run_demo(tmp_path_factory.mktemp("demo-accuracy"), size=DEFAULT_SIZE, seed=0, until="evaluate")
+    # as `clc-dask demo` runs: torch on every core (other test modules pin it to 1 thread)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        ctx = run_demo(tmp_path_factory.mktemp("demo-accuracy"), size=DEFAULT_SIZE, seed=0, until="evaluate")
+    finally:
+        torch.set_num_threads(threads)
     print("\ndemo step timings (s):", {name: r["seconds"] for name, r in ctx.results.items()})
     print("train:", ctx.results["train"], "\nevaluate:", ctx.results["evaluate"])
     return ctx
@@ -77,7 +85,6 @@ def test_held_out_report_equals_scikit_learn_on_the_demo_maps(demo):
     assert report["valid_pixels"] == int(np.count_nonzero(reference))
 
     # torchmetrics on the same pixels: predictions outside the scored codes form one extra class
-    import torch
     from torchmetrics.classification import MulticlassConfusionMatrix
 
     codes = report["codes"]
