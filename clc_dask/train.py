@@ -576,6 +576,7 @@ def train(
     elif resume:
         log.info("no checkpoint in %s yet: starting from epoch 1", out_dir)
     check_out_dir(out_dir, resume=True if state is not None else resume, overwrite=overwrite)
+    decoder_channels = check_decoder_channels(config.decoder_channels)
     init: Checkpoint | None = None
     if init_checkpoint is not None and state is None:
         init = load_checkpoint(init_checkpoint)
@@ -585,11 +586,10 @@ def train(
                 f"The checkpoint {init_checkpoint} has a {init.encoder} encoder but the config asks for "
                 f"{config.encoder}: pass --encoder {init.encoder} to fine-tune it."
             )
-        if init.decoder_channels != check_decoder_channels(config.decoder_channels):
+        if init.decoder_channels != decoder_channels:
             raise ConfigError(
                 f"The checkpoint {init_checkpoint} has decoder channels {list(init.decoder_channels)} but "
-                f"the config asks for {list(check_decoder_channels(config.decoder_channels))}: fine-tune "
-                "it with the same decoder_channels."
+                f"the config asks for {list(decoder_channels)}: fine-tune it with the same decoder_channels."
             )
     check_writable(out_dir / METRICS_CSV)
     device = _device(config.device)
@@ -607,7 +607,7 @@ def train(
         # weights come from a checkpoint when resuming or fine-tuning: no ImageNet download then
         model = build_model(config.encoder, len(index.bands), n_classes,
                             None if (state or init) else config.encoder_weights,
-                            decoder_channels=config.decoder_channels)
+                            decoder_channels=decoder_channels)
         weights_used = getattr(model, "encoder_weights_used", config.encoder_weights)
         if init is not None:
             weights_used = init.encoder_weights
@@ -656,7 +656,7 @@ def train(
                                  "scaler": scaler.state_dict() if scaler.is_enabled() else None}
                 if with_optimizer else None,
                 rng_state=_rng_state(epoch) if with_optimizer else None, encoder_weights=weights_used,
-                decoder_channels=check_decoder_channels(config.decoder_channels),
+                decoder_channels=decoder_channels,
             )
 
         log.info("training %s U-Net/%s on %s: %d train / %d val patches, %d classes, epochs %d→%d, device %s",

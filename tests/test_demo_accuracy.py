@@ -3,8 +3,8 @@
 ``clc-dask demo`` (4096 × 4096 px, seed 0) with the ``cpu-demo`` preset must reach a validation
 mIoU ≥ 0.75 over the Level-2 classes present, and its map of the held-out southern quarter —
 never seen in training — a mIoU ≥ 0.75 against the CLC reference. This is the longest test of
-the suite (about 8–9 minutes on 2 cores: region 1.5 min, mosaics 0.5 min, training 6 min,
-prediction and scoring 1 min); the step timings are printed for the record, never asserted.
+the suite (about 7.5 minutes on 2 cores: region 1 min, mosaics 1 min, training 6 min,
+prediction and scoring 0.5 min); the step timings are printed for the record, never asserted.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from clc_dask.presets import PRESETS
 from clc_dask.rasters import open_raster
 
 TARGET_MIOU = 0.75
-#: The module's fixture builds and trains the whole demo (~9 min here; a CPU without native
+#: The module's fixture builds and trains the whole demo (~7.5 min here; a CPU without native
 #: bfloat16 trains in float32, about twice as long): more than the suite's per-test default.
 pytestmark = pytest.mark.timeout(2400)
 
