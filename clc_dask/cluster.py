@@ -6,8 +6,10 @@ worker per GPU where GPUs and dask-cuda exist → a CPU ``LocalCluster``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Literal
 
 from distributed import Client, LocalCluster
@@ -17,6 +19,9 @@ from clc_dask.errors import ClcDaskError, ConfigError
 log = logging.getLogger(__name__)
 
 ClusterKind = Literal["auto", "local", "address", "cuda"]
+#: What :func:`connect` does without a scheduler address: compute with dask's threads in
+#: this process (``threads``), or start a cluster (``auto``/``local``/``cuda``).
+ConnectKind = Literal["threads", "auto", "local", "cuda"]
 #: Resource name carried by inference tasks and advertised by GPU workers.
 GPU_RESOURCE = "GPU"
 
@@ -107,3 +112,48 @@ def has_gpu_workers(client: Client) -> bool:
     """True if any worker of ``client`` advertises the ``GPU`` resource."""
     info = client.scheduler_info()
     return any(GPU_RESOURCE in w.get("resources", {}) for w in info.get("workers", {}).values())
+
+
+@contextlib.contextmanager
+def connect(
+    scheduler: str | None = None,
+    *,
+    kind: ConnectKind = "threads",
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | None = None,
+    dashboard_address: str | None = ":0",
+    connect_timeout: str = "30s",
+) -> Iterator[Client | None]:
+    """The Dask client a command computes with; everything it started is closed on exit.
+
+    With a scheduler address (``scheduler``, else ``DASK_SCHEDULER_ADDRESS``) it connects and,
+    on exit, closes only its own connection: the remote scheduler and workers keep running.
+    Without one it follows ``kind``: ``threads`` yields None (dask's threaded scheduler in
+    this process: fine for one machine and small areas), ``auto``/``local``/``cuda`` start a
+    cluster with :func:`get_client` and close it on exit (also on errors and signals turned
+    into exceptions).
+
+    Args:
+        scheduler: scheduler address, e.g. ``tcp://scheduler:8786``.
+        kind: what to do without an address (see above).
+        n_workers: workers of a started cluster (default: one per 2 cores, or per GPU).
+        threads_per_worker: threads per started worker.
+        memory_limit: memory per started worker, e.g. ``"4GiB"``.
+        dashboard_address: dashboard of a started cluster (``":0"`` = a free port).
+        connect_timeout: how long to wait for a remote scheduler.
+    """
+    address = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    if not address and kind == "threads":
+        yield None
+        return
+    client = get_client(address=address, kind="address" if address else kind, n_workers=n_workers,
+                        threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                        dashboard_address=dashboard_address, connect_timeout=connect_timeout)
+    started = None if address else client.cluster
+    try:
+        yield client
+    finally:
+        client.close()
+        if started is not None:
+            started.close()
