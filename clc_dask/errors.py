@@ -1,7 +1,11 @@
 """One root error type for everything clc-dask raises on purpose.
 
 Every message says what happened, why, and what to change, e.g.
-``"Label raster is on EPSG:32633 but the mosaic is on EPSG:32632: pass --like MOSAIC.tif"``.
+``"The label raster is on EPSG:32633 but the mosaic is on EPSG:32632: pass `like` (the mosaic)"``.
+
+Messages name the Python parameter to change in backticks (`` `mmu_ha` ``), never a command-line
+flag: notebook users never typed one. The CLI shows the same message with each backticked
+parameter replaced by its option (`` `mmu_ha` `` → ``--mmu-ha``; see :func:`clc_dask.cli.cli_message`).
 """
 
 from __future__ import annotations

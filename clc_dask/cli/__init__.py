@@ -10,7 +10,9 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import sys
+from collections.abc import Mapping, Sequence
 
 import typer
 
@@ -52,12 +54,36 @@ for _name in COMMAND_MODULES:
     importlib.import_module(f"clc_dask.cli.{_name}").register(app)
 
 
+_PARAMETER = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
+
+
+def cli_message(message: str, flags: Mapping[str, str]) -> str:
+    """A library message for the command line: each backticked parameter that the command
+    has as an option becomes that option (`` `mmu_ha` `` → ``--mmu-ha``)."""
+    return _PARAMETER.sub(lambda m: flags.get(m[1], m[0]), message)
+
+
+def command_flags(argv: Sequence[str]) -> dict[str, str]:
+    """Parameter name → option (its first long flag) of the sub-command named in ``argv``."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    name = next((a for a in argv if not a.startswith("-")), None)
+    command = group.commands.get(name) if name and hasattr(group, "commands") else None  # type: ignore[attr-defined]
+    flags: dict[str, str] = {}
+    for param in getattr(command, "params", []):
+        longs = [o for o in getattr(param, "opts", []) if o.startswith("--")]
+        if param.name and longs:
+            flags[param.name] = longs[0]
+    return flags
+
+
 def main() -> None:
     """Entry point: run the app, turning clc-dask errors into one clear line and exit 1."""
     try:
         app(standalone_mode=False)
     except ClcDaskError as exc:
-        typer.echo(f"Error: {exc}", err=True)
+        typer.echo(f"Error: {cli_message(str(exc), command_flags(sys.argv[1:]))}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("Interrupted.", err=True)
