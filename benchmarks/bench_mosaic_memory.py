@@ -32,9 +32,9 @@ from distributed import Client, LocalCluster
 
 from clc_dask.demo.region import build_region
 from clc_dask.demo.servers import serve_region
-from clc_dask.items import normalize_items
+from clc_dask.items import composite_bands, normalize_items
 from clc_dask.load import load_scenes
-from clc_dask.mosaic import composite_bands, seasonal_mosaic, write_mosaic
+from clc_dask.mosaic import seasonal_mosaic, write_mosaic
 from clc_dask.search import search_items
 
 BUDGET = 2 * 1024**3  # bytes per worker
@@ -102,7 +102,7 @@ def main() -> None:
                              years=[region.year], collection=servers.collection_id)
         if len(items) < 9:
             raise SystemExit(f"only {len(items)} dates in {args.window}: widen --window")
-        scenes = load_scenes(items, region.geobox, bands=bands, chunksize=args.chunk_size)
+        scenes = load_scenes(items, region.geobox, bands=bands, chunk_size=args.chunk_size)
         mosaic = seasonal_mosaic(scenes, composite=args.composite)
         tasks = len(mosaic.__dask_graph__())
         (optimized,) = dask.optimize(mosaic)

@@ -90,7 +90,7 @@ def to_level(codes: np.ndarray | int, level: int) -> np.ndarray | int:
     if finest_present and finest_present < level:
         raise InputError(
             f"Cannot turn Level-{finest_present} codes into Level {level}: "
-            f"a finer level cannot be derived; ask for --level {finest_present} or coarser."
+            f"a finer level cannot be derived; ask for `level` {finest_present} or coarser."
         )
     out = out.astype(arr.dtype if arr.dtype.kind in "iu" else np.int64, copy=False)
     return int(out) if scalar else out
@@ -239,5 +239,5 @@ def validate_codes(codes: np.ndarray, level: int = 3) -> None:
     if unknown:
         raise InputError(
             f"Unknown Level-{level} CLC code(s) {unknown[:10]}: valid codes are "
-            f"{list(official_codes(level))} (0 = no data). Check the code field or --level."
+            f"{list(official_codes(level))} (0 = no data). Check the code field or `level`."
         )

@@ -14,6 +14,7 @@ from typing import Literal
 
 from distributed import Client, LocalCluster
 
+from clc_dask.config import ClusterConfig
 from clc_dask.errors import ClcDaskError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -127,12 +128,12 @@ def connect(
 ) -> Iterator[Client | None]:
     """The Dask client a command computes with; everything it started is closed on exit.
 
-    With a scheduler address (``scheduler``, else ``DASK_SCHEDULER_ADDRESS``) it connects and,
-    on exit, closes only its own connection: the remote scheduler and workers keep running.
-    Without one it follows ``kind``: ``threads`` yields None (dask's threaded scheduler in
-    this process: fine for one machine and small areas), ``auto``/``local``/``cuda`` start a
-    cluster with :func:`get_client` and close it on exit (also on errors and signals turned
-    into exceptions).
+    With a scheduler address (``scheduler``; for ``threads`` and ``auto`` also
+    ``DASK_SCHEDULER_ADDRESS``) it connects and, on exit, closes only its own connection: the
+    remote scheduler and workers keep running. Without one it follows ``kind``: ``threads``
+    yields None (dask's threaded scheduler in this process: fine for one machine and small
+    areas), ``auto``/``local``/``cuda`` start a cluster with :func:`get_client` and close it on
+    exit (also on errors, and on signals turned into exceptions).
 
     Args:
         scheduler: scheduler address, e.g. ``tcp://scheduler:8786``.
@@ -143,7 +144,7 @@ def connect(
         dashboard_address: dashboard of a started cluster (``":0"`` = a free port).
         connect_timeout: how long to wait for a remote scheduler.
     """
-    address = scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    address = scheduler or (os.environ.get("DASK_SCHEDULER_ADDRESS") if kind in ("threads", "auto") else None)
     if not address and kind == "threads":
         yield None
         return
@@ -157,3 +158,14 @@ def connect(
         client.close()
         if started is not None:
             started.close()
+
+
+def connect_for_run(settings: ClusterConfig, scheduler: str | None = None) -> contextlib.AbstractContextManager[Client | None]:
+    """:func:`connect` as a run's ``cluster`` section says: ``threads`` (no cluster, unless a
+    ``scheduler`` is given), ``local``/``cuda`` (start one), ``address`` (connect to
+    ``cluster.address`` or ``DASK_SCHEDULER_ADDRESS``). An explicit ``scheduler`` wins."""
+    if scheduler is None and settings.kind == "threads":
+        return contextlib.nullcontext(None)
+    kind: ConnectKind = "auto" if settings.kind in ("address", "threads") else settings.kind
+    return connect(scheduler or settings.address, kind=kind, n_workers=settings.n_workers,
+                   threads_per_worker=settings.threads_per_worker, memory_limit=settings.memory_limit)

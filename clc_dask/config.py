@@ -206,7 +206,7 @@ def load_run_config(path: str | os.PathLike[str], base_dir: str | os.PathLike[st
     """Read and validate a run YAML; relative paths in it resolve against its folder."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"Config file {path} does not exist: check --config.")
+        raise ConfigError(f"Config file {path} does not exist: check `config`.")
     try:
         raw = yaml.safe_load(path.read_text("utf-8"))
     except yaml.YAMLError as exc:

@@ -44,9 +44,11 @@ import xarray as xr
 from odc.geo.geobox import GeoBox
 
 from clc_dask.classes import NODATA_CODE, ClassTable, code_level, official_codes, to_level
-from clc_dask.errors import InputError
-from clc_dask.grid import DEFAULT_TILE_SIZE, Tile, TileGrid, assert_same_grid
-from clc_dask.rasters import atomic_path, check_writable, geobox_of
+from clc_dask.errors import ConfigError, InputError
+from clc_dask.grid import DEFAULT_TILE_SIZE, Tile, TileGrid, assert_same_grid, chunk_size_for
+from clc_dask.rasters import check_writable, geobox_of, open_raster
+from clc_dask.report import write_figures
+from clc_dask.stores import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +297,7 @@ def _check_levels(bins: _Bins, hist: np.ndarray) -> None:
         raise InputError(
             f"The {which} holds {max(ref_coarse, pred_coarse)} px of CLC codes coarser than "
             f"Level {bins.level}: finer classes cannot be derived from them. Evaluate at the "
-            f"raster's level (--level {bins.level - 1} or lower)."
+            f"raster's level (`level` {bins.level - 1} or lower)."
         )
     ref_other = int(hist[bins.other, :].sum())
     pred_other = int(hist[:, bins.other].sum())
@@ -611,6 +613,56 @@ def write_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Pat
         tmp.write_text(text + "\n", encoding="utf-8")
     log.info("wrote report %s", path)
     return path
+
+
+def evaluate_files(
+    prediction: str | os.PathLike[str],
+    reference: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    level: int = 2,
+    codes: Sequence[int] | None = None,
+    tiles: Sequence[str] | None = None,
+    per_tile: bool = False,
+    tile_size: int = DEFAULT_TILE_SIZE,
+    chunk_size: int = DEFAULT_CHUNK,
+    figures: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Score a class map file against a reference file and write the report (and figures).
+
+    Args:
+        prediction: class map GeoTIFF (CLC codes, 0 = no data).
+        reference: reference CLC GeoTIFF on the same grid (Level 3 is reduced to ``level``).
+        out: report JSON to write.
+        level: CLC level to evaluate at.
+        codes: classes to score (default: codes present in either map).
+        tiles: also report these tiles (``row_col`` from 1 on a ``tile_size`` grid).
+        per_tile: also report every tile of the grid (exclusive with ``tiles``).
+        tile_size: tile edge in pixels.
+        chunk_size: dask chunk edge in pixels (rounded down to divide ``tile_size``).
+        figures: folder for PNG figures (IoU bars and maps, also per tile), or None.
+
+    Returns:
+        The report (as written), with the input paths in ``prediction``/``reference``.
+    """
+    if tiles and per_tile:
+        raise ConfigError("Give either `tiles` (names) or `per_tile`, not both.")
+    chunk = chunk_size_for(tile_size, chunk_size)
+    pred = open_raster(prediction, chunks=chunk)
+    ref = open_raster(reference, chunks=chunk)
+    selected: TileGrid | list[str] | None = TileGrid(geobox_of(ref), tile_size) if per_tile else (
+        list(tiles) if tiles else None)
+    validate_inputs(pred, ref, level=level, codes=codes, tiles=selected, tile_size=tile_size)
+    check_writable(out)
+    if figures is not None:
+        check_writable(Path(figures) / "iou.png")
+    report = evaluate(pred, ref, level=level, codes=codes, tiles=selected, tile_size=tile_size)
+    report["prediction"] = str(prediction)
+    report["reference"] = str(reference)
+    write_report(report, out)
+    if figures is not None:
+        write_figures(report, pred, ref, figures, title=Path(prediction).stem)
+    return report
 
 
 def read_report(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def parse_gdal_options(pairs: Iterable[str]) -> dict[str, str]:
         if not sep or not _KEY.match(key):
             raise ConfigError(
                 f"GDAL option {pair!r} is not KEY=VALUE with an upper-case GDAL config key, "
-                "e.g. --gdal GDAL_DISABLE_READDIR_ON_OPEN=NO."
+                "e.g. `gdal` GDAL_DISABLE_READDIR_ON_OPEN=NO."
             )
         options[key] = value.strip()
     return options

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import rasterio
 from odc.geo import CRS
 from odc.geo.geobox import GeoBox, GeoboxTiles
 from odc.geo.geom import Geometry, box
@@ -65,6 +69,87 @@ def _crs(crs: str | int | CRS) -> CRS:
         return CRS(f"EPSG:{crs}" if isinstance(crs, int) else crs)
     except Exception as exc:  # pyproj raises several types
         raise ConfigError(f"Unknown CRS {crs!r}: give an EPSG code such as 32633 or 3035.") from exc
+
+
+def grid_of_raster(path: str | os.PathLike[str]) -> GeoBox:
+    """The grid (CRS, transform, shape) of an existing raster file, e.g. a mosaic.
+
+    Raises:
+        InputError: the file cannot be opened as a raster, or has no CRS.
+    """
+    text = str(path)
+    if not text.startswith(("http://", "https://", "/vsi")) and not Path(text).exists():
+        raise InputError(f"Raster {text} does not exist: check the path given as `like`.")
+    try:
+        with rasterio.open(text) as src:
+            crs, transform, shape = src.crs, src.transform, (src.height, src.width)
+    except rasterio.errors.RasterioIOError as exc:
+        raise InputError(f"Cannot open {text} as a raster to take its grid from: {exc}.") from exc
+    if crs is None:
+        raise InputError(
+            f"{text} has no CRS, so its grid cannot be used: give `epsg`/`resolution`/`bounds` "
+            "instead, or assign a CRS (gdal_edit.py -a_srs EPSG:XXXX FILE)."
+        )
+    return GeoBox(shape, transform, CRS(crs.to_wkt()))
+
+
+def resolve_grid(
+    *,
+    grid: GeoBox | None = None,
+    like: str | os.PathLike[str] | GeoBox | Any | None = None,
+    epsg: int | None = None,
+    resolution: float | None = None,
+    bounds: Sequence[float] | None = None,
+    area: Geometry | None = None,
+) -> GeoBox:
+    """The grid a stage works on, from whichever description the caller has.
+
+    Exactly one of: ``grid`` (used as is); ``like`` (the grid of a raster file, a
+    georeferenced DataArray or a GeoBox — CRS, resolution and bounds all from it); ``bounds``
+    in ``epsg`` coordinates; or ``area`` (a geometry in any CRS) covered in ``epsg`` — by
+    default the UTM zone of the area's centre. Bounds are snapped outwards to multiples of
+    ``resolution`` metres (default 10), so grids of neighbouring areas line up.
+
+    Raises:
+        ConfigError: no description, or contradictory ones (e.g. ``like`` and ``epsg``).
+        InputError: ``like`` is not a readable raster with a CRS.
+    """
+    explicit = [n for n, v in (("epsg", epsg), ("resolution", resolution), ("bounds", bounds)) if v is not None]
+    given = [n for n, v in (("grid", grid), ("like", like)) if v is not None]
+    if given:
+        if len(given) > 1 or explicit:
+            others = "/".join(f"`{n}`" for n in (given[1:] + explicit))
+            raise ConfigError(
+                f"Give either `{given[0]}` or {others}, not both: `{given[0]}` fixes the whole grid "
+                "(CRS, resolution, bounds)."
+            )
+        return grid if grid is not None else _grid_like(like)
+    res = DEFAULT_RESOLUTION if resolution is None else float(resolution)
+    if bounds is not None:
+        if epsg is None:
+            raise ConfigError("`bounds` are in the grid's CRS: give `epsg` too (e.g. 32633 or 3035).")
+        if len(bounds) != 4:
+            raise ConfigError(f"`bounds` {list(bounds)} must be left, bottom, right, top in the `epsg` CRS.")
+        return snapped_geobox(tuple(float(v) for v in bounds), epsg, res)  # type: ignore[arg-type]
+    if area is not None:
+        lon, lat = area.to_crs("EPSG:4326").centroid.points[0]
+        return geobox_for_aoi(area, epsg or utm_epsg(lon, lat), res)
+    raise ConfigError(
+        "No target grid: give `like` (a raster such as a mosaic), or `epsg` and `bounds` (left, bottom, "
+        "right, top in that CRS) with `resolution` metres, or an area to cover."
+    )
+
+
+def _grid_like(like: Any) -> GeoBox:
+    if isinstance(like, GeoBox):
+        return like
+    if isinstance(like, str | os.PathLike):
+        return grid_of_raster(like)
+    gbox = getattr(getattr(like, "odc", None), "geobox", None)
+    if gbox is None:
+        raise InputError("`like` has no georeference (CRS and x/y coordinates): give a raster file, "
+                         "a georeferenced DataArray or a GeoBox.")
+    return gbox
 
 
 def utm_epsg(lon: float, lat: float) -> int:
@@ -163,12 +248,12 @@ def assert_same_grid(a: GeoBox, b: GeoBox, what_a: str = "first", what_b: str = 
     if a.crs != b.crs:
         raise GridMismatchError(
             f"The {what_a} raster is on {a.crs} but the {what_b} is on {b.crs}: "
-            f"resample one onto the other's grid (e.g. clc-dask labels --like)."
+            f"resample one onto the other's grid (e.g. labels with `like` set to the mosaic)."
         )
     if a.shape != b.shape or not a.affine.almost_equals(b.affine, precision=1e-6):
         raise GridMismatchError(
             f"The {what_a} raster ({a.shape.y}×{a.shape.x} px, origin {a.affine.c:.2f},"
             f"{a.affine.f:.2f}, {a.resolution.x:g} m) and the {what_b} ({b.shape.y}×{b.shape.x} px, "
             f"origin {b.affine.c:.2f},{b.affine.f:.2f}, {b.resolution.x:g} m) are on different "
-            "grids: put both on one grid (clc-dask labels --like, or the same --bounds)."
+            "grids: put both on one grid (labels made with `like` set to the mosaic, or the same `bounds`)."
         )

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 import pystac
 from pystac.utils import make_absolute_href
 
-from clc_dask.errors import InputError
+from clc_dask.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,36 @@ COMPOSITES: dict[str, tuple[str, ...]] = {
     "nrg": ("B08", "B04", "B03"),
     "all": ("B02", "B03", "B04", "B08"),
 }
+
+
+
+def composite_bands(composite: str | Sequence[str]) -> tuple[str, ...]:
+    """Band order of a composite: a name (``rgb`` → B04, B03, B02; ``nrg`` → B08, B04, B03;
+    ``all`` → B02, B03, B04, B08), a comma list (``"B08,B04"``) or a sequence of band names.
+
+    Raises:
+        ConfigError: an unknown name, an unknown or repeated band, or no band at all.
+    """
+    given = composite if isinstance(composite, str) else ",".join(map(str, composite))
+    if isinstance(composite, str):
+        if composite.strip().lower() in COMPOSITES:
+            return COMPOSITES[composite.strip().lower()]
+        composite = [b.strip() for b in composite.split(",") if b.strip()]
+    bands = tuple(str(b).upper() for b in composite)
+    unknown = [b for b in bands if b not in REFLECTANCE_BANDS]
+    if not bands or unknown or len(set(bands)) != len(bands):
+        raise ConfigError(
+            f"Unknown composite {given!r}: use one of {', '.join(COMPOSITES)}, or distinct band "
+            f"names from {', '.join(REFLECTANCE_BANDS)} (e.g. B08,B04,B03)."
+        )
+    return bands
+
+
+def composite_name(bands: Sequence[str]) -> str:
+    """``rgb``, ``nrg``, ``all``, or the comma list of a band order (e.g. ``B08,B04``)."""
+    known = {order: name for name, order in COMPOSITES.items()}
+    return known.get(tuple(bands), ",".join(bands))
+
 
 #: Asset keys used for each canonical band by the catalogs we know, most specific first.
 ASSET_KEYS: dict[str, tuple[str, ...]] = {

@@ -29,6 +29,7 @@ import logging
 import os
 import uuid
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import dask
@@ -50,7 +51,7 @@ from rasterio.errors import NotGeoreferencedWarning
 
 from clc_dask import classes
 from clc_dask.errors import ConfigError, InputError
-from clc_dask.grid import DEFAULT_TILE_SIZE, chunk_size_for
+from clc_dask.grid import DEFAULT_TILE_SIZE, chunk_size_for, resolve_grid
 from clc_dask.rasters import geobox_of, open_raster, to_dataarray, write_geotiff
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,14 @@ def label_dtype(level: int) -> np.dtype:
     return np.dtype(np.uint16 if level == 3 else np.uint8)
 
 
-def label_raster(
+def make_labels(
     source: str | os.PathLike[str],
-    geobox: GeoBox,
+    grid: GeoBox | None = None,
     *,
+    like: str | os.PathLike[str] | GeoBox | xr.DataArray | None = None,
+    epsg: int | None = None,
+    resolution: float | None = None,
+    bounds: Sequence[float] | None = None,
     level: int = 2,
     field: str = DEFAULT_FIELD,
     chunk_size: int = DEFAULT_TILE_SIZE,
@@ -84,12 +89,20 @@ def label_raster(
     grid_code: bool | None = None,
     resampling: str = "auto",
 ) -> xr.DataArray:
-    """CLC codes from a vector or raster ``source`` on ``geobox``, as a lazy (y, x) DataArray.
+    """CLC codes from a vector or raster ``source`` on a grid, as a lazy (y, x) DataArray.
+
+    The labelling stage: rasterize CLC polygons chunk by chunk (``map_blocks``), or warp a
+    CLC raster, onto the grid of the imagery, so that labels and mosaics share every pixel.
+    Write the result with :func:`write_labels`.
 
     Args:
         source: CLC polygons (GeoPackage, Shapefile, FileGDB, …) or a CLC raster (GeoTIFF).
-        geobox: the target grid (CRS, pixel size in metres, bounds), e.g. a mosaic's
-            ``geobox_of(mosaic)``, :func:`geobox_like` or ``grid.snapped_geobox``.
+        grid: the target grid (CRS, pixel size in metres, bounds) as a GeoBox. Alternatively:
+        like: take the whole grid from this raster file (e.g. the mosaic), DataArray or GeoBox —
+            what you want when labelling for training, so labels and mosaic line up exactly.
+        epsg: CRS of the grid (EPSG code), with ``bounds``.
+        resolution: pixel size in metres with ``bounds`` (default 10, Sentinel-2's).
+        bounds: (left, bottom, right, top) in ``epsg`` coordinates, snapped outwards to pixels.
         level: CLC level of the output: 2 (default, uint8 codes 11…52), 3 (uint16 111…523)
             or 1 (uint8 1…5). The source must hold codes at least that fine.
         field: vector field holding the codes (text or integer). Ignored for rasters.
@@ -103,13 +116,15 @@ def label_raster(
             the source), ``"nearest"`` or ``"mode"``.
 
     Returns:
-        (y, x) dask-backed DataArray of CLC codes, 0 = no data, georeferenced on ``geobox``,
+        (y, x) dask-backed DataArray of CLC codes, 0 = no data, georeferenced on the grid,
         with ``attrs["clc_level"] = level``.
 
     Raises:
+        ConfigError: no grid, or contradictory grid descriptions.
         InputError: unreadable source, missing field or layer, unknown codes, no CRS, or no
             overlap with the grid. Raised while building the graph, before any write.
     """
+    geobox = resolve_grid(grid=grid, like=like, epsg=epsg, resolution=resolution, bounds=bounds)
     _check_level(level)
     size = chunk_size_for(DEFAULT_TILE_SIZE, chunk_size)
     if size != chunk_size:
@@ -118,17 +133,21 @@ def label_raster(
     path = _existing(source)
     if _is_raster(path):
         if layer is not None:
-            raise ConfigError(f"{path} is a raster: --layer applies to vector sources only.")
+            raise ConfigError(f"{path} is a raster: `layer` applies to vector sources only.")
         data = _raster_labels(path, geobox, level=level, chunk_size=size, grid_code=grid_code,
                               resampling=resampling)
     else:
         if grid_code is not None:
-            raise ConfigError(f"{path} is a vector: --grid-code/--codes apply to raster sources only.")
+            raise ConfigError(f"{path} is a vector: `grid_code` applies to raster sources only.")
         shapes = read_clc_vector(path, geobox, level=level, field=field, layer=layer)
         data = rasterize_chunked(shapes, geobox, dtype=label_dtype(level), chunk_size=size)
     labels = to_dataarray(data, geobox, name=f"clc_level{level}", nodata=classes.NODATA_CODE)
     labels.attrs["clc_level"] = level
     return labels
+
+
+#: The name this stage had first (scripts use it).
+label_raster = make_labels
 
 
 def write_labels(
@@ -155,23 +174,6 @@ def write_labels(
         labels = labels.astype(want)
     return write_geotiff(labels, out, nodata=classes.NODATA_CODE, colormap=classes.colormap(level),
                          tags={LEVEL_TAG: str(level)}, overwrite=overwrite)
-
-
-def geobox_like(path: str | os.PathLike[str]) -> GeoBox:
-    """The grid (CRS, transform, shape) of an existing raster, e.g. a mosaic, to label onto."""
-    if not str(path).startswith(("http://", "https://", "/vsi")):
-        path = _existing(path)
-    try:
-        with rasterio.open(path) as src:
-            crs, transform, shape = src.crs, src.transform, (src.height, src.width)
-    except rasterio.errors.RasterioIOError as exc:
-        raise InputError(f"Cannot open {path} as a raster to take its grid from: {exc}.") from exc
-    if crs is None:
-        raise InputError(
-            f"{path} has no CRS, so its grid cannot be used: give --epsg/--resolution/--bounds "
-            "instead, or assign a CRS (gdal_edit.py -a_srs EPSG:XXXX FILE)."
-        )
-    return GeoBox(shape, transform, CRS(crs.to_wkt()))
 
 
 # --------------------------------------------------------------------------- vector input
@@ -210,7 +212,7 @@ def read_clc_vector(
     if kinds:
         raise InputError(
             f"{where} holds {sorted(kinds)} geometries: CLC labels need polygons. "
-            "Pick the polygon layer with --layer."
+            "Pick the polygon layer with `layer`."
         )
     if src_crs != geobox.crs:
         try:
@@ -307,7 +309,7 @@ def _pick_layer(path: Path, layer: str | None, field: str) -> str:
     if layer is not None:
         if layer not in spatial:
             raise InputError(f"{path} has no layer {layer!r}: its layers are {spatial}. "
-                             "Pass one of them with --layer.")
+                             "Pass one of them as `layer`.")
         return layer
     if len(spatial) == 1:
         return spatial[0]
@@ -323,7 +325,7 @@ def _pick_layer(path: Path, layer: str | None, field: str) -> str:
     raise InputError(
         f"{path} has {len(spatial)} layers and {'several' if holding else 'none'} of them hold "
         f"the field {field!r} (layers and their fields: {listing}): choose the layer with "
-        "--layer and the field holding CLC codes with --field."
+        "`layer` and the field holding CLC codes as `field`."
     )
 
 
@@ -336,7 +338,7 @@ def _match_field(field: str, fields: list[str], where: str) -> str:
         return same[0]
     raise InputError(
         f"{where} has no field {field!r}: its fields are {fields}. "
-        "Pass the one holding CLC codes with --field (e.g. --field CODE_12)."
+        "Pass the one holding CLC codes as `field` (e.g. CODE_12)."
     )
 
 
@@ -346,7 +348,7 @@ def _parse_codes(values: pd.Series, field: str, where: str, fields: list[str]) -
     if nulls:
         raise InputError(
             f"{nulls} polygon(s) of {where} have no value in field {field!r}: every CLC polygon "
-            "needs a code. Fill them in (999 = no data) or choose another --field."
+            "needs a code. Fill them in (999 = no data) or choose another `field`."
         )
     allowed = set(classes.official_codes(3)) | set(classes.official_codes(2))
     mapping: dict[object, int] = {}
@@ -363,7 +365,7 @@ def _parse_codes(values: pd.Series, field: str, where: str, fields: list[str]) -
         raise InputError(
             f"Unknown CLC code(s) {sorted(unknown)[:10]} in field {field!r} of {where}: "
             "CLC codes are the official Level-3 codes 111…523 (or Level-2 11…52; "
-            f"990/995/999 mean no data). Check --field (fields: {fields})."
+            f"990/995/999 mean no data). Check `field` (fields: {fields})."
         )
     return values.map(mapping).to_numpy(dtype=np.int64)
 
@@ -394,7 +396,7 @@ def _no_overlap_message(where: str, source_bounds: object, src_crs: CRS, geobox:
     )
     return (
         f"No CLC data of {where} overlaps the grid {grid} in {crs_name(geobox.crs)}{have}: check the "
-        "grid's --bounds and --epsg (bounds are in the grid's CRS), or use the CLC file "
+        "grid's `bounds` and `epsg` (bounds are in the grid's CRS), or use the CLC file "
         "covering this area."
     )
 
@@ -479,12 +481,12 @@ def _grid_code_or_codes(path: Path, values: set[int], grid_code: bool | None) ->
     shown = sorted(values)[:12]
     if grid_code is True and not fits_grid:
         raise InputError(f"{path} holds values {sorted(values - _GRID_CODE_VALUES)[:10]} outside "
-                         "GRID_CODE 1…44 (48/49/50/255 = no data): drop --grid-code if it holds "
+                         "GRID_CODE 1…44 (48/49/50/255 = no data): set `grid_code` False if it holds "
                          "CLC codes.")
     if grid_code is False and not fits_codes:
         raise InputError(f"Unknown CLC code(s) {sorted(values - codes)[:10]} in {path}: valid "
                          "codes are Level-3 111…523 or Level-2 11…52 (990/995/999 = no data); "
-                         "pass --grid-code if it holds EEA GRID_CODE 1…44.")
+                         "set `grid_code` True if it holds EEA GRID_CODE 1…44.")
     if grid_code is not None:
         return grid_code
     if fits_grid and fits_codes:
@@ -493,7 +495,7 @@ def _grid_code_or_codes(path: Path, values: set[int], grid_code: bool | None) ->
                 return False
         raise InputError(
             f"{path} holds values {shown} that are valid both as EEA GRID_CODE (1…44) and as "
-            "Level-2 CLC codes: say which with --grid-code or --codes (grid_code=True/False)."
+            "Level-2 CLC codes: say which with `grid_code` (True: GRID_CODE, False: CLC codes)."
         )
     if fits_grid or fits_codes:
         return fits_grid
@@ -531,13 +533,13 @@ def crs_name(crs: CRS) -> str:
 
 def _check_level(level: int) -> None:
     if level not in (1, 2, 3):
-        raise ConfigError(f"CLC level must be 1, 2 or 3, not {level!r} (use --level 2 or 3).")
+        raise ConfigError(f"CLC level must be 1, 2 or 3, not {level!r} (set `level` to 2 or 3).")
 
 
 def _existing(source: str | os.PathLike[str]) -> Path:
     path = Path(source)
     if not path.exists():
-        raise InputError(f"{path} does not exist: check --source.")
+        raise InputError(f"{path} does not exist: check `source`.")
     return path
 
 

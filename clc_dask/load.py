@@ -88,7 +88,7 @@ class RetryingReader(AutoParallelRioReader):
                 raise ReadError(
                     f"Cannot read asset {self.url}{tried}: {reason}. Check that the file exists "
                     "and is a valid GeoTIFF/COG reachable with the GDAL settings in use (see "
-                    "clc_dask.gdalenv; --gdal KEY=VALUE), or remove the item from the input."
+                    "clc_dask.gdalenv; `gdal` KEY=VALUE), or remove the item from the input."
                 ) from None
 
     def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
@@ -119,10 +119,11 @@ def load_scenes(
     resolution: float | None = None,
     bounds: tuple[float, float, float, float] | None = None,
     bands: Sequence[str] = CANONICAL_BANDS,
-    chunksize: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     gdal: LayeredEnv | Mapping[str, object] | None = None,
     retries: int = 3,
     retry_delay: float = 1.0,
+    chunksize: int | None = None,
 ) -> xr.DataArray:
     """Scenes as a lazy ``(time, band, y, x)`` uint16 DataArray on one grid.
 
@@ -135,13 +136,14 @@ def load_scenes(
         resolution: pixel size in metres when no ``geobox`` is given.
         bounds: extent in ``epsg`` coordinates when no ``geobox`` is given.
         bands: reflectance bands to load (``B02 B03 B04 B08``); ``SCL`` is always added last.
-        chunksize: spatial chunk edge in pixels (time and band chunks are whole dates / one
+        chunk_size: spatial chunk edge in pixels (time and band chunks are whole dates / one
             band). Larger chunks mean fewer tasks but more memory per task
-            (dates × chunksize² × 2 bytes per band).
+            (dates × chunk_size² × 2 bytes per band).
         gdal: GDAL options: a :class:`~stackstac.LayeredEnv`, or overrides for
             :func:`clc_dask.gdalenv.gdal_env` (e.g. ``{"GDAL_DISABLE_READDIR_ON_OPEN": "NO"}``).
         retries: attempts after a transient read failure, per asset and window.
         retry_delay: seconds before the first retry (doubled each time).
+        chunksize: the former name of ``chunk_size`` (still accepted).
 
     Returns:
         DataArray with dims ``(time, band, y, x)``, dtype uint16 (0 = no data), band names
@@ -155,8 +157,10 @@ def load_scenes(
     gbox = _grid(geobox, epsg, resolution, bounds)
     if not items:
         raise InputError("No items to load: the search returned nothing (relax its filters).")
-    if chunksize <= 0:
-        raise ConfigError(f"chunksize must be a positive number of pixels, not {chunksize}.")
+    if chunksize is not None:
+        chunk_size = chunksize
+    if chunk_size <= 0:
+        raise ConfigError(f"`chunk_size` must be a positive number of pixels, not {chunk_size}.")
     wanted = [b for b in dict.fromkeys(bands) if b != SCL_BAND]
     normalized = normalize_items(items, wanted)
     assets = [*wanted, SCL_BAND]
@@ -174,7 +178,7 @@ def load_scenes(
             bounds=(left, bottom, right, top),
             snap_bounds=False,
             resampling=Resampling.nearest,
-            chunksize=(-1, 1, chunksize, chunksize),
+            chunksize=(-1, 1, chunk_size, chunk_size),
             dtype=np.dtype("uint16"),
             fill_value=np.uint16(0),
             rescale=False,

@@ -9,8 +9,6 @@ refused (CVE-2025-32434).
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -24,8 +22,8 @@ from torch import nn
 
 from clc_dask.classes import ClassTable
 from clc_dask.errors import CheckpointError, ConfigError
-from clc_dask.items import COMPOSITES
-from clc_dask.rasters import atomic_path
+from clc_dask.items import composite_name
+from clc_dask.stores import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +154,7 @@ class Checkpoint:
         if bands is not None and tuple(bands) != self.bands:
             raise CheckpointError(
                 f"The checkpoint was trained on bands {list(self.bands)} but the input has "
-                f"{list(bands)}: make a mosaic with the same composite (e.g. --composite "
+                f"{list(bands)}: make a mosaic with the same composite (e.g. `composite` "
                 f"{composite_name(self.bands)}) or use a checkpoint trained on these bands."
             )
         if classes is not None and classes != self.classes:
@@ -190,27 +188,6 @@ class Checkpoint:
 
 
 
-def composite_name(bands: Sequence[str]) -> str:
-    """'rgb', 'nrg', 'all' or a comma list for a band order."""
-    known = {order: name for name, order in COMPOSITES.items()}
-    return known.get(tuple(bands), ",".join(bands))
-
-
-def composite_bands(composite: str | Sequence[str]) -> tuple[str, ...]:
-    """Band order of a composite name (``rgb``/``nrg``/``all``), a comma list, or a band sequence."""
-    if isinstance(composite, str):
-        if composite.lower() in COMPOSITES:
-            return COMPOSITES[composite.lower()]
-        composite = [b.strip() for b in composite.split(",") if b.strip()]
-    bands = tuple(str(b) for b in composite)
-    if not bands or len(set(bands)) != len(bands):
-        raise ConfigError(
-            f"Band list {list(bands)} is empty or repeats a band: give a composite "
-            f"({', '.join(COMPOSITES)}) or distinct band names such as B08,B04,B03."
-        )
-    return bands
-
-
 def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Path:
     """Write a checkpoint atomically (temp file, fsync, rename): a kill never corrupts it."""
     path = Path(path)
@@ -224,7 +201,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     """Read a checkpoint safely (``weights_only=True``); pickled payloads are refused."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"Checkpoint {path} does not exist: check --checkpoint.")
+        raise CheckpointError(f"Checkpoint {path} does not exist: check `checkpoint`.")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -255,15 +232,6 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         decoder_channels=tuple(int(c) for c in payload["model"].get("decoder_channels")
                                or DEFAULT_DECODER_CHANNELS),
     )
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 hex digest of a file (checkpoint identity for caches and provenance)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(functools.partial(fh.read, 1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def band_statistics(samples: np.ndarray, scale: float = REFLECTANCE_SCALE) -> Normalization:

@@ -16,24 +16,31 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
-import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
+import pystac
 import xarray as xr
+from odc.geo.geobox import GeoBox
+from odc.geo.geom import Geometry
 
 from clc_dask.errors import ConfigError, InputError, OutputError
-from clc_dask.items import COMPOSITES, SCL_BAND
+from clc_dask.grid import resolve_grid
+from clc_dask.items import SCL_BAND, composite_bands, normalize_items
+from clc_dask.load import DEFAULT_CHUNK_SIZE, load_scenes
 from clc_dask.rasters import check_writable, geobox_of, to_dataarray, write_geotiff
+from clc_dask.search import area_geometry, save_item_collection, search_items
+from clc_dask.stores import move_into_place, staging_directory, write_zarr
 
 log = logging.getLogger(__name__)
 
 Composite = Literal["rgb", "nrg", "all"]
+#: ``Dataset.attrs`` key of the scenes a :func:`make_mosaic` result was made from
+#: (a ``pystac.ItemCollection``; :func:`write_mosaic` saves it beside the mosaic).
+ITEMS_ATTR = "items"
 #: SCL classes that never count as a clear observation.
 MASKED_SCL_CLASSES: tuple[int, ...] = (0, 1, 3, 8, 9, 10)
 SNOW_SCL_CLASS = 11
@@ -41,17 +48,120 @@ NODATA = 0
 _INVALID = np.iinfo(np.uint16).max  # sorts after every valid DN
 
 
-def composite_bands(composite: str) -> tuple[str, ...]:
-    """Band names of a composite (``rgb`` → B04, B03, B02; ``nrg`` → B08, B04, B03; ``all``)."""
-    try:
-        return COMPOSITES[composite]
-    except KeyError:
-        raise ConfigError(f"Unknown composite {composite!r}: use one of {', '.join(COMPOSITES)}.") from None
-
-
 def masked_classes(mask_snow: bool = False) -> tuple[int, ...]:
     """SCL classes treated as not clear (snow/ice added when ``mask_snow``)."""
     return MASKED_SCL_CLASSES + ((SNOW_SCL_CLASS,) if mask_snow else ())
+
+
+def make_mosaic(
+    source: str | os.PathLike[str] | None = None,
+    *,
+    items: Sequence[pystac.Item] | str | os.PathLike[str] | None = None,
+    bbox: Sequence[float] | None = None,
+    aoi: object | None = None,
+    season: str | None = None,
+    years: Sequence[int] = (),
+    datetime: str | None = None,
+    max_cloud: float | None = None,
+    collection: str | None = None,
+    composite: Composite | str | Sequence[str] = "nrg",
+    grid: GeoBox | None = None,
+    like: str | os.PathLike[str] | GeoBox | xr.DataArray | None = None,
+    epsg: int | None = None,
+    resolution: float | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    mask_snow: bool = False,
+    gdal: Mapping[str, object] | None = None,
+) -> xr.Dataset:
+    """A seasonal cloud-free mosaic of an area, lazily: search → grid → load → median.
+
+    The mosaic stage in one call. Nothing is read until the result is computed or written
+    (:func:`write_mosaic`); the scenes used travel with it in ``attrs["items"]``.
+
+    Args:
+        source: where to search: a catalog preset (``earth-search``, ``planetary-computer``),
+            a STAC API URL, a static catalog or an item-collection JSON (see
+            :func:`clc_dask.search.search_items`). Exclusive with ``items``.
+        items: the scenes to use as they are (no search, no filters): STAC items or a saved
+            item-collection JSON — e.g. to repeat a mosaic offline.
+        bbox: the area as ``(west, south, east, north)`` in degrees.
+        aoi: the area as a geometry (any CRS), GeoJSON mapping or vector file. Give an area
+            (``bbox``/``aoi``) or a grid (``grid``/``like``); the area's grid is snapped to
+            ``resolution`` in ``epsg``.
+        season: ``april``, ``july``, ``september``, ``MM-DD/MM-DD`` (with ``years``) or a
+            ``START/END`` range. Exclusive with ``datetime``.
+        years: calendar years of ``season`` (a composite over several years is possible).
+        datetime: ``START/END`` (ISO 8601) instead of a season.
+        max_cloud: maximum scene cloud cover in percent (SCL masks what remains; raise it
+            for cloudy regions and seasons, lower it to read fewer scenes).
+        collection: STAC collection id; default: the preset's.
+        composite: ``rgb`` (B04, B03, B02), ``nrg`` (B08, B04, B03), ``all``, or a band list.
+        grid: the output grid as a GeoBox (CRS, resolution, bounds).
+        like: take the whole grid from this raster (file, DataArray or GeoBox), e.g. to
+            mosaic another season exactly onto an existing mosaic's pixels.
+        epsg: CRS of the grid for an area (default: the UTM zone of the area's centre; use
+            3035 for areas across UTM zones).
+        resolution: pixel size in metres for an area (default 10, Sentinel-2's).
+        chunk_size: spatial chunk edge in pixels. Each task holds all dates of one band of a
+            chunk (dates × chunk_size² × 2 bytes): lower it for long seasons or small workers.
+        mask_snow: also treat SCL snow/ice (11) as not clear (off: snow is a land-cover
+            signal in April).
+        gdal: GDAL options for reading (see :mod:`clc_dask.gdalenv`), e.g.
+            ``{"GDAL_DISABLE_READDIR_ON_OPEN": "NO"}`` for catalogs with ``.aux.xml`` sidecars.
+
+    Returns:
+        The lazy mosaic of :func:`seasonal_mosaic` (``reflectance``, ``clear_count``) on the
+        grid, with ``attrs["items"]`` = the scenes (``pystac.ItemCollection``).
+
+    Raises:
+        ConfigError: contradictory or missing options (named), before anything is read.
+        SearchError: the search found no usable scene.
+        InputError: the scenes cannot be put on the grid.
+    """
+    bands = composite_bands(composite)
+    name = composite if isinstance(composite, str) else ",".join(bands)
+    area = _area(bbox, aoi, grid, like)
+    geobox = resolve_grid(grid=grid, like=like, epsg=epsg, resolution=resolution, area=area)
+    scenes_used = _scenes(source, items, geobox, area, bbox, aoi, season=season, years=years,
+                          datetime=datetime, max_cloud=max_cloud, collection=collection)
+    scenes = load_scenes(normalize_items(scenes_used, bands), geobox, bands=bands, chunk_size=chunk_size,
+                         gdal=gdal)
+    mosaic = seasonal_mosaic(scenes, composite=name, mask_snow=mask_snow)  # type: ignore[arg-type]
+    mosaic.attrs[ITEMS_ATTR] = scenes_used
+    log.info("mosaic graph: %d tasks", len(mosaic.__dask_graph__()))
+    return mosaic
+
+
+def _area(bbox: Sequence[float] | None, aoi: object | None, grid: GeoBox | None, like: object | None) -> Geometry | None:
+    lonlat = area_geometry(bbox, aoi)
+    if lonlat is not None and (grid is not None or like is not None):
+        raise ConfigError("Give either an area (`bbox`/`aoi`) or a grid (`grid`/`like`), not both: "
+                          "the grid's extent is the area searched.")
+    return None if lonlat is None else Geometry(lonlat, "EPSG:4326")
+
+
+def _scenes(source: str | os.PathLike[str] | None, items: Sequence[pystac.Item] | str | os.PathLike[str] | None,
+            geobox: GeoBox, area: Geometry | None, bbox: Sequence[float] | None, aoi: object | None,
+            **filters: Any) -> pystac.ItemCollection:
+    """The scenes of a mosaic: ``items`` as given, or a search of ``source`` over the area."""
+    if (source is None) == (items is None):
+        raise ConfigError("Give either `source` (to search) or `items` (scenes to use as they are), "
+                          "not both or neither.")
+    if source is not None and not (filters.get("season") or filters.get("datetime")):
+        raise ConfigError("A mosaic needs a time window: give `season` (with `years`) or `datetime` "
+                          "START/END.")
+    if items is not None:
+        used = [k for k, v in filters.items() if v]
+        if used:
+            raise ConfigError(f"`items` are used as given; drop {', '.join(f'`{k}`' for k in used)} "
+                              "(or search again with `source`).")
+        if isinstance(items, str | os.PathLike):
+            return search_items(items)
+        return items if isinstance(items, pystac.ItemCollection) else pystac.ItemCollection(items)
+    if area is None:
+        extent = geobox.extent.to_crs("EPSG:4326", resolution=geobox.extent.boundingbox.span_x / 16)
+        return search_items(source, aoi=extent.geom, **filters)  # type: ignore[arg-type]
+    return search_items(source, bbox=bbox, aoi=aoi, **filters)  # type: ignore[arg-type]
 
 
 def seasonal_mosaic(
@@ -181,6 +291,12 @@ def mosaic_paths(out: str | os.PathLike[str]) -> tuple[Path, Path]:
     return out, out.with_name(f"{out.stem}_clear_count{out.suffix or '.tif'}")
 
 
+def items_path(out: str | os.PathLike[str]) -> Path:
+    """Where :func:`write_mosaic` saves the scenes of a mosaic: ``<out stem>.items.json``."""
+    out = Path(out)
+    return out.with_name(f"{out.name.removesuffix(out.suffix) or out.name}.items.json")
+
+
 def write_mosaic(
     mosaic: xr.Dataset,
     out: str | os.PathLike[str],
@@ -191,8 +307,9 @@ def write_mosaic(
     """Compute and write a mosaic; nothing appears at ``out`` unless everything succeeded.
 
     Args:
-        mosaic: from :func:`seasonal_mosaic`.
-        out: ``.tif`` path (COG) or Zarr store directory.
+        mosaic: from :func:`make_mosaic` or :func:`seasonal_mosaic`.
+        out: ``.tif`` path (COG) or Zarr store directory. The scenes of a
+            :func:`make_mosaic` result are saved beside it as ``<stem>.items.json``.
         format: ``cog``: ``(band, y, x)`` uint16 COG with band descriptions and nodata 0,
             plus ``<stem>_clear_count.tif``; ``zarr``: one store holding both variables,
             Zarr chunks = dask chunks, CRS in ``spatial_ref``.
@@ -200,14 +317,21 @@ def write_mosaic(
         overwrite: replace existing outputs (else raise :class:`OutputError`).
 
     Returns:
-        The paths written.
+        The paths written (mosaic, clear count, scenes).
     """
     if format not in ("cog", "zarr"):
         raise ConfigError(f"Unknown mosaic format {format!r}: use cog or zarr.")
     out = check_writable(out, overwrite)
+    scenes = mosaic.attrs.get(ITEMS_ATTR)
+    if scenes is not None:
+        check_writable(items_path(out), overwrite)
     if format == "cog":
-        return _write_cogs(mosaic, out, clear_count, overwrite)
-    return [_write_zarr(mosaic, out, clear_count, overwrite)]
+        written = _write_cogs(mosaic, out, clear_count, overwrite)
+    else:
+        written = [_write_zarr(mosaic, out, clear_count, overwrite)]
+    if scenes is not None:
+        written.append(save_item_collection(scenes, items_path(out)))
+    return written
 
 
 def _write_cogs(mosaic: xr.Dataset, out: Path, clear_count: bool, overwrite: bool) -> list[Path]:
@@ -215,8 +339,8 @@ def _write_cogs(mosaic: xr.Dataset, out: Path, clear_count: bool, overwrite: boo
     if not overwrite:
         for target in targets:
             check_writable(target, overwrite=False)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    # both rasters are written, then renamed together: a kill never leaves one without the other
+    with staging_directory(out) as staging:
         refl = mosaic["reflectance"]
         write_geotiff(refl, staging / targets[0].name, nodata=NODATA,
                       band_names=[str(b) for b in refl["band"].values],
@@ -226,18 +350,16 @@ def _write_cogs(mosaic: xr.Dataset, out: Path, clear_count: bool, overwrite: boo
         if clear_count:
             write_geotiff(mosaic["clear_count"], staging / targets[1].name, nodata=None,
                           band_names=["clear_count"], tags={"units": "clear dates"})
-        for target in targets:
-            os.replace(staging / target.name, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        move_into_place({staging / target.name: target for target in targets})
     return targets
 
 
 def _write_zarr(mosaic: xr.Dataset, out: Path, clear_count: bool, overwrite: bool) -> Path:
     if out.exists() and not overwrite:
-        raise OutputError(f"{out} exists: pass --overwrite or choose another --out.")
+        raise OutputError(f"{out} exists: pass `overwrite` or choose another `out`.")
     names = ["reflectance"] + (["clear_count"] if clear_count else [])
     ds = mosaic[names]
+    ds.attrs.pop(ITEMS_ATTR, None)
     encoding = {}
     for name in names:
         chunks = ds[name].data.chunksize if isinstance(ds[name].data, da.Array) else ds[name].shape
@@ -248,21 +370,6 @@ def _write_zarr(mosaic: xr.Dataset, out: Path, clear_count: bool, overwrite: boo
     ds["reflectance"].attrs["band_names"] = [str(b) for b in ds["band"].values]
     # variable-length strings: fixed-width unicode has no stable Zarr v3 data type yet
     ds = ds.assign_coords(band=np.asarray([str(b) for b in ds["band"].values], dtype=object))
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)) / out.name
-    try:
-        with warnings.catch_warnings():
-            # consolidated metadata is an extension in Zarr v3, still what xarray opens fastest
-            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-            ds.to_zarr(staging, mode="w", encoding=encoding, consolidated=True)
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old")
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(out, trash)
-            os.replace(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging.parent, ignore_errors=True)
+    write_zarr(ds, out, encoding)
     log.info("wrote %s (Zarr: %s)", out, ", ".join(names))
     return out

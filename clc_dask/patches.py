@@ -53,7 +53,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 from clc_dask.classes import IGNORE_INDEX, ClassTable, label_of, official_codes
 from clc_dask.errors import ConfigError, InputError, OutputError
 from clc_dask.grid import assert_same_grid
-from clc_dask.model import Normalization, composite_bands
+from clc_dask.items import composite_bands
+from clc_dask.model import Normalization
 from clc_dask.rasters import atomic_path, geobox_of, open_raster
 
 log = logging.getLogger(__name__)

@@ -38,12 +38,10 @@ import contextlib
 import logging
 import math
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,8 +58,9 @@ from clc_dask.classes import NODATA_CODE, ClassTable
 from clc_dask.cluster import GPU_RESOURCE, has_gpu_workers
 from clc_dask.errors import CheckpointError, ConfigError, InputError, OutputError
 from clc_dask.grid import DEFAULT_TILE_SIZE, TileGrid
-from clc_dask.model import Normalization, file_sha256, load_checkpoint
+from clc_dask.model import Normalization, load_checkpoint
 from clc_dask.rasters import check_writable, geobox_of, open_raster, to_dataarray, write_geotiff
+from clc_dask.stores import file_sha256, write_zarr
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +99,12 @@ class WindowGrid:
         if not isinstance(window, int) or window <= 0 or window % NET_MULTIPLE:
             raise ConfigError(
                 f"window={window!r} px is not a positive multiple of {NET_MULTIPLE}: the U-Net halves "
-                f"its input five times. Use e.g. --window 512 (or 2048 for one window per 2048 px chunk)."
+                f"its input five times. Use e.g. `window` 512 (or 2048 for one window per 2048 px chunk)."
             )
         if not isinstance(halo, int) or halo < 0:
             raise ConfigError(
                 f"halo={halo!r} px must be a whole number ≥ 0 (context added around every window); "
-                f"use --halo {DEFAULT_HALO} or more."
+                f"use `halo` {DEFAULT_HALO} or more."
             )
         if halo < MIN_RECOMMENDED_HALO:
             log.warning("halo=%d px is below %d px: expect artefacts along window edges.",
@@ -517,7 +516,7 @@ def _check_device(device: str, gpu_cluster: bool) -> str:
     if device.startswith("cuda") and not (gpu_cluster or torch.cuda.is_available()):
         raise ConfigError(
             f"device={device!r} but there is no CUDA device here and no worker advertises a "
-            f"{GPU_RESOURCE} resource: use --device auto or cpu, or connect to a GPU cluster."
+            f"{GPU_RESOURCE} resource: use `device` auto or cpu, or connect to a GPU cluster."
         )
     return device
 
@@ -546,7 +545,7 @@ def _tile_window(gbox: GeoBox, tiles: Sequence[str] | None, tile_size: int) -> t
         return None
     names = [t for t in (s.strip() for s in tiles) if t]
     if not names:
-        raise InputError("No tile selected (empty --tiles): name tiles as row_col, e.g. --tiles 4_3,3_2, "
+        raise InputError("No tile selected (empty `tiles`): name tiles as row_col, e.g. 4_3,3_2, "
                          "or leave the option out to predict the whole mosaic.")
     selected = TileGrid(gbox, tile_size).select(names)
     ys = slice(min(t.pixel_slices[0].start for t in selected), max(t.pixel_slices[0].stop for t in selected))
@@ -618,34 +617,18 @@ def write_probabilities(prediction: xr.Dataset, path: str | os.PathLike[str], *,
         encoding.setdefault(name, {})["_FillValue"] = None
         variables[name] = var
     ds = xr.Dataset(variables, attrs=prediction.attrs)
-    with _atomic_dir(path) as tmp, keep_annotations(ds):
-        ds.to_zarr(tmp, mode="w", encoding=encoding, consolidated=True, zarr_format=2)
+    with keep_annotations(ds):
+        write_zarr(ds, path, encoding)
     log.info("wrote %s (%s)", path, ", ".join(f"{k} {tuple(v.shape)}" for k, v in ds.data_vars.items()))
     return path
 
 
 def _check_store_writable(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
-        raise OutputError(f"{path} exists: pass --overwrite to replace it, or choose another path.")
+        raise OutputError(f"{path} exists: pass `overwrite` to replace it, or choose another path.")
     if path.exists() and not path.is_dir():
-        raise OutputError(f"{path} is a file, not a Zarr store: choose another --probabilities path.")
+        raise OutputError(f"{path} is a file, not a Zarr store: choose another `probabilities` path.")
     check_writable(path.parent / f".{path.name}.check", overwrite=True)
-
-
-@contextlib.contextmanager
-def _atomic_dir(target: Path) -> Iterator[Path]:
-    """A temporary directory beside ``target``, renamed onto it only on success."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent))
-    old = target.with_name(f".{target.name}.old")
-    try:
-        yield tmp
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def tile_output_path(path: str | os.PathLike[str], tile: str) -> Path:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import dask
@@ -25,47 +23,25 @@ from odc.geo.xr import xr_coords
 from rasterio.windows import Window
 
 from clc_dask.errors import InputError, OutputError
+from clc_dask.stores import atomic_path
 
 log = logging.getLogger(__name__)
 
 COG_OPTIONS = {"COMPRESS": "DEFLATE", "PREDICTOR": "2", "BLOCKSIZE": "512", "BIGTIFF": "IF_SAFER"}
 
 
-@contextmanager
-def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` only on success."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or ".part", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-        for sidecar in tmp.parent.glob(tmp.name + ".*"):
-            sidecar.unlink()
-
-
 def check_writable(path: str | os.PathLike[str], overwrite: bool = True) -> Path:
     """Fail early (before any compute) if ``path`` cannot be written."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise OutputError(f"{path} exists: pass --overwrite to replace it, or choose another --out.")
+        raise OutputError(f"{path} exists: pass `overwrite` to replace it, or choose another `out`.")
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"Cannot create the folder {parent}: {exc.strerror}. Choose another --out.") from exc
+        raise OutputError(f"Cannot create the folder {parent}: {exc.strerror}. Choose another `out`.") from exc
     if not os.access(parent, os.W_OK):
-        raise OutputError(f"Cannot write to {parent}: permission denied. Choose another --out.")
+        raise OutputError(f"Cannot write to {parent}: permission denied. Choose another `out`.")
     return path
 
 

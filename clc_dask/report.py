@@ -26,7 +26,8 @@ from matplotlib.ticker import MaxNLocator
 from clc_dask.classes import NODATA_CODE, label_of, official_codes, rgb_of, to_level
 from clc_dask.errors import InputError, OutputError
 from clc_dask.grid import assert_same_grid
-from clc_dask.rasters import atomic_path, check_writable, geobox_of
+from clc_dask.rasters import check_writable, geobox_of
+from clc_dask.stores import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def tile_reports(report: Mapping[str, Any], prefix: str = "") -> dict[str, dict[
     """The per-tile reports of an evaluation, as rows for :func:`paper_table` (``prefix`` + name)."""
     tiles = report.get("tiles")
     if not tiles:
-        raise InputError("This report has no per-tile results: evaluate with --tiles or --per-tile.")
+        raise InputError("This report has no per-tile results: evaluate with `tiles` or `per_tile`.")
     return {f"{prefix}{name}": dict(sub) for name, sub in tiles.items()}
 
 
@@ -279,3 +280,30 @@ def map_figure(
 
 def _short(label: str, width: int = 34) -> str:
     return label if len(label) <= width else label[: width - 1] + "…"
+
+
+def write_figures(
+    report: Mapping[str, Any],
+    prediction: xr.DataArray,
+    reference: xr.DataArray,
+    folder: str | os.PathLike[str],
+    *,
+    title: str = "",
+) -> list[Path]:
+    """The figures of an evaluation: ``iou.png`` and ``map.png``, and ``iou_<tile>.png`` /
+    ``map_<tile>.png`` for every tile of a per-tile report. Nothing is drawn without classes."""
+    folder = Path(folder)
+    level = int(report.get("level", 2))
+    if not report.get("codes"):
+        return []
+    written = [iou_bar_chart(report, folder / "iou.png", title=f"IoU per class – {title}".rstrip(" –")),
+               map_figure(prediction, reference, folder / "map.png", level=level, title=title or None)]
+    for name, sub in report.get("tiles", {}).items():
+        y0, y1, x0, x1 = sub["pixel_slices"]
+        window = {"y": slice(y0, y1), "x": slice(x0, x1)}
+        if sub["codes"] and sub["valid_pixels"]:
+            written.append(iou_bar_chart({**sub, "level": level}, folder / f"iou_{name}.png",
+                                         title=f"IoU per class – tile {name}"))
+        written.append(map_figure(prediction.isel(window), reference.isel(window), folder / f"map_{name}.png",
+                                  level=level, title=f"Tile {name}"))
+    return written

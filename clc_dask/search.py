@@ -25,15 +25,14 @@ import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse, urlunparse
 
+import geopandas as gpd
 import pystac
 import shapely.geometry
-from dateutil.parser import isoparse
-from dateutil.relativedelta import relativedelta
 from pystac.utils import make_absolute_href
 from pystac_client import ItemSearch
 from pystac_client.exceptions import APIError
@@ -43,17 +42,15 @@ from urllib3.util.retry import Retry
 
 from clc_dask import __version__
 from clc_dask.errors import ConfigError, InputError, SearchError
-from clc_dask.rasters import atomic_path
+from clc_dask.seasons import Interval, format_interval, parse_interval, season_intervals
+from clc_dask.stores import atomic_path
 
 log = logging.getLogger(__name__)
 
 builtin_datetime = datetime  # ``search_items`` has an argument called ``datetime``
 CloudFilter = Literal["auto", "filter", "query", "client"]
 Signer = Callable[[pystac.Item], "pystac.Item | None"]
-Interval = tuple[datetime | None, datetime | None]
 
-#: Seasons of the paper (§2.1): the whole month.
-SEASON_MONTHS: dict[str, int] = {"april": 4, "july": 7, "september": 9}
 #: HTTP statuses retried (throttling and server errors).
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 #: Item-collection field naming the signer whose tokens were stripped on save.
@@ -88,112 +85,13 @@ PRESETS: dict[str, CatalogPreset] = {
 }
 
 
-# --------------------------------------------------------------------------- time filters
-def season_intervals(season: str, years: Sequence[int] = ()) -> list[Interval]:
-    """Date intervals (UTC, inclusive) for a season in each of ``years``.
-
-    Args:
-        season: ``april``, ``july``, ``september`` (the whole month); ``MM-DD/MM-DD`` (one
-            interval per year; an end before the start runs into the next year); or
-            ``START/END`` as ISO dates/datetimes (then ``years`` must be empty).
-        years: calendar years, e.g. ``[2018, 2019]``.
-    """
-    season = season.strip().lower()
-    years = sorted(set(int(y) for y in years))
-    if season in SEASON_MONTHS or re.fullmatch(r"\d{2}-\d{2}/\d{2}-\d{2}", season):
-        if not years:
-            raise ConfigError(
-                f"Season {season!r} needs at least one year: pass --year YYYY (repeatable)."
-            )
-        out = []
-        for year in years:
-            if season in SEASON_MONTHS:
-                start = datetime(year, SEASON_MONTHS[season], 1, tzinfo=UTC)
-                end = start + relativedelta(months=1, seconds=-1)
-            else:
-                (sm, sd), (em, ed) = (map(int, part.split("-")) for part in season.split("/"))
-                start = _date(year, sm, sd, season)
-                end = _date(year, em, ed, season)
-                if end < start:
-                    end = _date(year + 1, em, ed, season)
-                end = end + timedelta(days=1, seconds=-1)
-            out.append((start, end))
-        return out
-    if "/" in season:
-        if years:
-            raise ConfigError(
-                f"Season {season!r} gives full dates: drop --year, or give MM-DD/MM-DD to "
-                "repeat it in several years."
-            )
-        return [parse_interval(season)]
-    raise ConfigError(
-        f"Unknown season {season!r}: use april, july, september, MM-DD/MM-DD or "
-        "YYYY-MM-DD/YYYY-MM-DD."
-    )
-
-
-def _date(year: int, month: int, day: int, season: str) -> datetime:
-    try:
-        return datetime(year, month, day, tzinfo=UTC)
-    except ValueError as exc:
-        raise ConfigError(f"Season {season!r} has an invalid date: {exc}.") from None
-
-
-def parse_interval(text: str) -> Interval:
-    """``START/END`` (or a single date) → UTC ``(start, end)``; ``..`` or empty = open.
-
-    Dates without a time cover whole periods, as STAC APIs read them: ``2023-08`` is the
-    whole of August, an end date ``2023-08-20`` runs to 23:59:59.
-    """
-    parts = text.strip().split("/")
-    if len(parts) == 1:
-        return _parse_instant(parts[0], end=False), _parse_instant(parts[0], end=True)
-    if len(parts) != 2:
-        raise ConfigError(f"Datetime {text!r} is not START/END (ISO 8601, '..' for open).")
-    start, end = _parse_instant(parts[0], end=False), _parse_instant(parts[1], end=True)
-    if start is None and end is None:
-        raise ConfigError(f"Datetime {text!r} is open at both ends: give a start or an end.")
-    if start is not None and end is not None and end < start:
-        raise ConfigError(f"Datetime {text!r} ends before it starts.")
-    return start, end
-
-
-def _parse_instant(text: str, end: bool) -> datetime | None:
-    text = text.strip()
-    if text in ("", ".."):
-        return None
-    partial = re.fullmatch(r"(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?", text)
-    try:
-        if partial:
-            year, month, day = int(partial[1]), int(partial[2] or 1), int(partial[3] or 1)
-            start = datetime(year, month, day, tzinfo=UTC)
-            if not end:
-                return start
-            step = relativedelta(days=1) if partial[3] else (
-                relativedelta(months=1) if partial[2] else relativedelta(years=1))
-            return start + step - timedelta(seconds=1)
-        value = isoparse(text)
-    except ValueError as exc:
-        raise ConfigError(f"Cannot read the date {text!r}: {exc}. Use ISO 8601 (2023-08-10).") from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def format_interval(interval: Interval) -> str:
-    """An interval as the ``datetime`` string STAC APIs expect (``…Z/…Z``, ``..`` = open)."""
-    return "/".join(
-        ".." if t is None else t.astimezone(UTC).replace(tzinfo=None).isoformat() + "Z"
-        for t in interval
-    )
-
-
 # --------------------------------------------------------------------------- areas
-def read_aoi(path: str | os.PathLike[str]) -> BaseGeometry:
-    """The union of all geometries in a vector file (GeoJSON, GeoPackage, …), in lon/lat."""
-    import geopandas as gpd
-
+def read_aoi_frame(path: str | os.PathLike[str]) -> gpd.GeoDataFrame:
+    """The features of an AOI vector file (GeoJSON, GeoPackage, …) in their own CRS, checked:
+    the file exists and holds non-empty geometries with a CRS."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"AOI file {path} does not exist: check --aoi.")
+        raise InputError(f"AOI file {path} does not exist: check `aoi`.")
     try:
         frame = gpd.read_file(path)
     except Exception as exc:
@@ -202,10 +100,14 @@ def read_aoi(path: str | os.PathLike[str]) -> BaseGeometry:
         raise InputError(f"AOI file {path} holds no features: give a file with the area polygon.")
     if frame.crs is None:
         raise InputError(f"AOI file {path} has no CRS: save it with one (GeoJSON is always EPSG:4326).")
-    geom = frame.to_crs("EPSG:4326").geometry.union_all()
-    if geom.is_empty:
+    if frame.geometry.is_empty.all():
         raise InputError(f"AOI file {path} has only empty geometries.")
-    return geom
+    return frame
+
+
+def read_aoi(path: str | os.PathLike[str]) -> BaseGeometry:
+    """The union of all geometries in a vector file (GeoJSON, GeoPackage, …), in lon/lat."""
+    return read_aoi_frame(path).to_crs("EPSG:4326").geometry.union_all()
 
 
 def as_lonlat_geometry(aoi: object) -> BaseGeometry:
@@ -553,7 +455,7 @@ def _search_static(
         if not items:
             raise SearchError(
                 f"{source} has no items in collection(s) {', '.join(collections)}: check "
-                "--collection (or leave it out to use all items)."
+                "`collection` (or leave it out to use all items)."
             )
     if request.geometry is not None and items:
         footprint = shapely.union_all([_item_shape(i) for i in items])
@@ -575,7 +477,7 @@ def read_items(source: str | os.PathLike[str]) -> tuple[list[pystac.Item], dict[
     if not is_url and not Path(text).exists():
         raise InputError(
             f"{text} is neither a catalog preset ({', '.join(PRESETS)}), a STAC API URL, nor an "
-            "existing catalog/item-collection file: check --source."
+            "existing catalog/item-collection file: check `source`."
         )
     href = text if is_url else str(Path(text).resolve())
     try:
@@ -700,7 +602,7 @@ def _raise_outside(source: str, request: _Request, footprint: BaseGeometry) -> N
     w, s, e, n = footprint.bounds
     raise SearchError(
         f"The area ({request.describe().split(';')[0]}) lies outside {source}: its items cover "
-        f"lon {w:.4f}…{e:.4f}, lat {s:.4f}…{n:.4f}. Check --bbox/--aoi (west,south,east,north "
+        f"lon {w:.4f}…{e:.4f}, lat {s:.4f}…{n:.4f}. Check `bbox`/`aoi` (west,south,east,north "
         "in degrees) or use a catalog that covers the area."
     )
 
@@ -711,9 +613,9 @@ def _raise_empty(source: str, request: _Request, n_found: int, report: Mapping[s
         _raise_outside(source, request, footprint)
     hints = []
     if request.max_cloud is not None:
-        hints.append(f"raise --max-cloud (now {request.max_cloud:g})")
+        hints.append(f"raise `max_cloud` (now {request.max_cloud:g})")
     if request.intervals:
-        hints.append("widen --season/--datetime or add --year")
+        hints.append("widen `season`/`datetime` or add `years`")
     if request.geometry is not None:
         hints.append("enlarge the area")
     removed = ", ".join(f"{n} by {k}" for k, n in report.items() if n)

@@ -14,6 +14,8 @@ equal to dask chunks.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -40,6 +42,15 @@ def is_partial(path: Path) -> bool:
     """True for a temporary name made by :func:`temporary_name` (or the older ``.stac-partial-``)."""
     name = Path(path).name
     return name.startswith(".") and (PARTIAL_MARK in name or name.startswith(".stac-partial-"))
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file (checkpoint identity, run manifests, STAC checksums)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(functools.partial(fh.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_directory(path: str | os.PathLike[str]) -> None:
@@ -122,6 +133,27 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             _remove(old)
+
+
+@contextlib.contextmanager
+def staging_directory(beside: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary directory beside ``beside`` (same file system, so its files can be
+    renamed into place), removed at the end whatever happens."""
+    tmp = temporary_name(Path(beside), ".staging")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move_into_place(moves: Mapping[Path, Path]) -> None:
+    """Rename finished files (e.g. written in a :func:`staging_directory`) onto their targets,
+    one after the other, then fsync the targets' folders."""
+    for source, target in moves.items():
+        os.replace(source, target)
+    for folder in {Path(t).parent for t in moves.values()}:
+        fsync_directory(folder)
 
 
 def _remove(path: Path) -> None:

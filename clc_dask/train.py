@@ -36,13 +36,12 @@ from torch import nn
 from clc_dask.classes import IGNORE_INDEX, ClassTable
 from clc_dask.config import SEASONS
 from clc_dask.errors import ConfigError, OutputError
+from clc_dask.items import composite_bands, composite_name
 from clc_dask.model import (
     ENCODERS,
     Checkpoint,
     build_model,
     check_decoder_channels,
-    composite_bands,
-    composite_name,
     load_checkpoint,
     save_checkpoint,
 )

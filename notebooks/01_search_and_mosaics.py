@@ -38,13 +38,13 @@ from demo_inputs import SEASON_MONTH, extent_km, open_demo
 from IPython.display import HTML, display
 
 from clc_dask.cluster import get_client
-from clc_dask.config import SEASONS
 from clc_dask.demo import serve_region
 from clc_dask.items import boa_offset, processing_baseline
 from clc_dask.load import load_scenes
-from clc_dask.mosaic import seasonal_mosaic, write_mosaic
+from clc_dask.mosaic import make_mosaic, write_mosaic
 from clc_dask.rasters import geobox_of, open_raster
 from clc_dask.search import save_item_collection, search_items
+from clc_dask.seasons import SEASONS
 
 # %% tags=["parameters"]
 WORKDIR = "~/clc-dask-notebooks"  # folder shared by the five notebooks
@@ -104,24 +104,30 @@ display(table)
 
 # %% [markdown]
 # ## Seasonal mosaics on the cluster
-# Per season: the scenes with at most `MAX_CLOUD` % cloud, loaded lazily as a uint16
-# `(time, band, y, x)` cube, reduced to the median of the clear observations (SCL no data,
-# saturated, cloud shadow, clouds and cirrus masked) and written as COGs. Watch it on the dashboard.
+# `make_mosaic` is the whole stage in one call: per season it searches the scenes with at most
+# `MAX_CLOUD` % cloud, loads them lazily as a uint16 `(time, band, y, x)` cube on the region's
+# grid, and reduces them to the median of the clear observations (SCL no data, saturated, cloud
+# shadow, clouds and cirrus masked). `write_mosaic` computes it on the cluster and writes COGs
+# (and the scenes used, beside them). Watch it on the dashboard.
 
 # %%
 display(HTML(f'Dask dashboard: <a href="{client.dashboard_link}" target="_blank">{client.dashboard_link}</a>'))
 paths.mosaic("april").parent.mkdir(parents=True, exist_ok=True)
 mosaics, scenes_by_season = {}, {}
 for season in SEASONS:
-    found = search_items(servers.stac_url, bbox=list(region.bbox_lonlat), season=season,
-                         years=[region.year], max_cloud=MAX_CLOUD, collection=region.collection_id)
-    chosen = list(found) if READ_OVER_HTTP else [i for i in region.items() if i.id in {f.id for f in found}]
-    scenes = load_scenes(chosen, region.geobox, chunksize=CHUNK_SIZE)
-    mosaic = seasonal_mosaic(scenes, "nrg")
+    mosaic = make_mosaic(servers.stac_url, grid=region.geobox, season=season, years=[region.year],
+                         max_cloud=MAX_CLOUD, collection=region.collection_id, composite="nrg",
+                         chunk_size=CHUNK_SIZE)
+    if not READ_OVER_HTTP:  # the same scenes, read from the region's folder
+        found = {i.id for i in mosaic.attrs["items"]}
+        local = [i for i in region.items() if i.id in found]
+        mosaic = make_mosaic(items=local, grid=region.geobox, composite="nrg", chunk_size=CHUNK_SIZE)
     write_mosaic(mosaic, paths.mosaic(season))
-    scenes_by_season[season] = scenes
+    # the scenes as a cube, for the checks below
+    scenes_by_season[season] = load_scenes(mosaic.attrs["items"], region.geobox, chunk_size=CHUNK_SIZE)
     mosaics[season] = mosaic
-    print(f"{season:9s}: {scenes.sizes['time']} scenes, {scenes.data.npartitions} chunks -> {paths.mosaic(season).name}")
+    print(f"{season:9s}: {mosaic.attrs['n_dates']} scenes, {mosaic['reflectance'].data.npartitions} chunks "
+          f"-> {paths.mosaic(season).name}")
 
 # %% [markdown]
 # ## Maps: NRG mosaics and clear counts

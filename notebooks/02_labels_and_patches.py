@@ -36,7 +36,7 @@ from matplotlib.patches import Patch, Rectangle
 from clc_dask.classes import label_of, official_codes
 from clc_dask.cluster import get_client
 from clc_dask.grid import assert_same_grid
-from clc_dask.labels import geobox_like, label_raster, write_labels
+from clc_dask.labels import make_labels, write_labels
 from clc_dask.patches import load_patch_index
 from clc_dask.presets import DESCRIPTIONS, get_preset
 from clc_dask.rasters import geobox_of, open_raster
@@ -70,12 +70,12 @@ print(f"seasons {list(config.seasons)}, bands {list(config.bands)}, patches of {
 
 # %% [markdown]
 # ## CLC labels on the mosaic grid
-# `label_raster` reads only the polygons over the grid and rasterizes them per dask chunk;
+# `make_labels` reads only the polygons over the grid and rasterizes them per dask chunk;
 # the written COG carries the official CLC colour table.
 
 # %%
 mosaic_path = mosaics["september"]
-labels = label_raster(region.clc_path, geobox_like(mosaic_path), level=LEVEL, chunk_size=CHUNK_SIZE)
+labels = make_labels(region.clc_path, like=mosaic_path, level=LEVEL, chunk_size=CHUNK_SIZE)
 paths.labels.parent.mkdir(parents=True, exist_ok=True)
 write_labels(labels, paths.labels)
 codes = open_raster(paths.labels).values[0]

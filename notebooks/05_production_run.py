@@ -47,10 +47,10 @@ from shapely.geometry import box
 
 from clc_dask.cluster import get_client
 from clc_dask.config import load_run_config
-from clc_dask.manifest import Manifest
-from clc_dask.model import file_sha256, load_checkpoint
+from clc_dask.model import load_checkpoint
 from clc_dask.rasters import geobox_of, open_raster
-from clc_dask.run import prepare_run, run_grid, run_prepared
+from clc_dask.run import Manifest, execute_run, resolve_run
+from clc_dask.stores import file_sha256
 
 # %% tags=["parameters"]
 WORKDIR = "~/clc-dask-notebooks"  # folder shared by the five notebooks
@@ -131,12 +131,13 @@ display(pd.Series({k: v for k, v in plan.items() if not isinstance(v, (dict, lis
 # running cluster). Each finished tile is written once and recorded in the manifest.
 
 # %%
-grid = run_grid(config)[1]
-all_tiles = [t.name for t in prepare_run(config).plan.tiles]
+context = resolve_run(config, scenes="none")  # AOI, grid, tiles, checkpoint: checked, nothing written
+grid = context.grid
+all_tiles = [t.name for t in context.tiles]
 first = all_tiles[:FIRST_TILES]
 print(f"Dask dashboard: {client.dashboard_link}")
-first_result = run_prepared(prepare_run(config, tile_names=first), client=client,
-                            progress=lambda name: print(f"tile {name} finished"))
+first_result = execute_run(config, tile_names=first, client=client,
+                           progress=lambda name: print(f"tile {name} finished"))
 
 
 def show_progress(manifest: Manifest, title: str) -> None:
@@ -165,8 +166,8 @@ after_first = sorted(manifest.tiles)
 # SHA-256 are skipped; the rest are computed; the STAC catalog is rewritten last.
 
 # %%
-resumed = run_prepared(prepare_run(config, resume=True), client=client,
-                       progress=lambda name: print(f"tile {name} finished or skipped"))
+resumed = execute_run(config, resume=True, client=client,
+                      progress=lambda name: print(f"tile {name} finished or skipped"))
 print(f"computed {resumed.computed}, skipped {resumed.skipped}")
 manifest = Manifest.read(store)
 show_progress(manifest, f"After --resume: {len(manifest.tiles)}/{len(all_tiles)} tiles")

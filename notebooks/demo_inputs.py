@@ -28,14 +28,12 @@ from matplotlib.axes import Axes
 from matplotlib.patches import Patch
 
 from clc_dask.classes import colormap, label_of
-from clc_dask.config import SEASONS
 from clc_dask.demo import DemoRegion, build_region
-from clc_dask.labels import geobox_like, label_raster, write_labels
-from clc_dask.load import load_scenes
-from clc_dask.mosaic import mosaic_paths, seasonal_mosaic, write_mosaic
+from clc_dask.labels import make_labels, write_labels
+from clc_dask.mosaic import make_mosaic, mosaic_paths, write_mosaic
 from clc_dask.patches import PatchIndex, load_patch_index
 from clc_dask.presets import get_preset
-from clc_dask.search import search_items
+from clc_dask.seasons import SEASON_MONTHS, SEASONS
 from clc_dask.train import BEST_FILE, CHECKPOINT_FILE, index_for_config, train
 
 log = logging.getLogger(__name__)
@@ -47,7 +45,7 @@ LEVEL = 2
 #: Scenes with more cloud cover (%) are left out of the mosaics (notebook 01's default).
 MAX_CLOUD = 50.0
 #: Month of each season in the demo region's scenes.
-SEASON_MONTH = {"april": 4, "july": 7, "september": 9}
+SEASON_MONTH = SEASON_MONTHS
 
 
 @dataclass(frozen=True)
@@ -106,13 +104,6 @@ def demo_paths(workdir: str | os.PathLike[str]) -> DemoPaths:
     return DemoPaths(root)
 
 
-def season_items(region: DemoRegion, season: str, max_cloud: float = MAX_CLOUD) -> list[Any]:
-    """The region's STAC items of one season with at most ``max_cloud`` % cloud cover, from its
-    static catalog (local file hrefs: no server needed)."""
-    return list(search_items(str(region.catalog_path), season=season, years=[region.year],
-                             max_cloud=max_cloud, collection=region.collection_id))
-
-
 def ensure_mosaic(region: DemoRegion, paths: DemoPaths, season: str, chunk_size: int = 256,
                   max_cloud: float = MAX_CLOUD) -> Path:
     """The NRG mosaic of ``season`` (and its clear count), made from the region's scenes if missing.
@@ -131,8 +122,10 @@ def ensure_mosaic(region: DemoRegion, paths: DemoPaths, season: str, chunk_size:
         return out
     log.info("making the %s mosaic in %s", season, out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    scenes = load_scenes(season_items(region, season, max_cloud), region.geobox, chunksize=chunk_size)
-    write_mosaic(seasonal_mosaic(scenes, "nrg"), out)
+    mosaic = make_mosaic(str(region.catalog_path), grid=region.geobox, season=season, years=[region.year],
+                         max_cloud=max_cloud, collection=region.collection_id, composite="nrg",
+                         chunk_size=chunk_size)
+    write_mosaic(mosaic, out)
     return out
 
 
@@ -142,7 +135,7 @@ def ensure_labels(region: DemoRegion, paths: DemoPaths, chunk_size: int = 256) -
         return paths.labels
     mosaic = ensure_mosaic(region, paths, "september", chunk_size)
     paths.labels.parent.mkdir(parents=True, exist_ok=True)
-    labels = label_raster(region.clc_path, geobox_like(mosaic), level=LEVEL, chunk_size=chunk_size)
+    labels = make_labels(region.clc_path, like=mosaic, level=LEVEL, chunk_size=chunk_size)
     return write_labels(labels, paths.labels)
 
 

@@ -402,10 +402,10 @@ def test_port_in_use_is_a_server_error(demo_region):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        with pytest.raises(ServerError, match=rf"Port {port} .*--stac-port"):
+        with pytest.raises(ServerError, match=rf"Port {port} .*`stac_port`"):
             with serve_region(demo_region, stac_port=port):
                 pass
-        with pytest.raises(ServerError, match=rf"Port {port} .*--data-port"):
+        with pytest.raises(ServerError, match=rf"Port {port} .*`data_port`"):
             with serve_region(demo_region, data_port=port):
                 pass
     with pytest.raises(ConfigError, match="loopback"):

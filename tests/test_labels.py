@@ -18,8 +18,8 @@ from odc.geo.geobox import GeoBox
 from clc_dask import classes
 from clc_dask.cli import main
 from clc_dask.errors import ConfigError, GridMismatchError, InputError
-from clc_dask.grid import assert_same_grid, snapped_geobox
-from clc_dask.labels import geobox_like, label_raster, write_labels
+from clc_dask.grid import assert_same_grid, grid_of_raster, snapped_geobox
+from clc_dask.labels import label_raster, write_labels
 from clc_dask.rasters import geobox_of, to_dataarray
 
 pytestmark = pytest.mark.filterwarnings(
@@ -219,7 +219,7 @@ def test_labels_line_up_with_imagery_and_the_check_catches_shifts(tmp_path):
     _write_imagery(image, truth, geobox)
     _polygons_of(truth, geobox).to_file(tmp_path / "clc.gpkg", layer="clc")
 
-    labels = label_raster(tmp_path / "clc.gpkg", geobox_like(image), level=3, chunk_size=16)
+    labels = label_raster(tmp_path / "clc.gpkg", grid_of_raster(image), level=3, chunk_size=16)
     assert labels.data.npartitions == 9
     np.testing.assert_array_equal(labels.values, truth)
     assert _lines_up(labels, image)
@@ -235,7 +235,7 @@ def test_labels_line_up_with_imagery_and_the_check_catches_shifts(tmp_path):
         _lines_up(to_dataarray(labels.values, moved), image)
     # … and for polygons one pixel (10 m) east of where they belong.
     _polygons_of(truth, geobox, shift_m=10).to_file(tmp_path / "shifted.gpkg", layer="clc")
-    shifted = label_raster(tmp_path / "shifted.gpkg", geobox_like(image), level=3, chunk_size=16)
+    shifted = label_raster(tmp_path / "shifted.gpkg", grid_of_raster(image), level=3, chunk_size=16)
     assert not _lines_up(shifted, image)
     np.testing.assert_array_equal(shifted.values[:, 1:], truth[:, :-1])
 
@@ -328,7 +328,7 @@ def test_ambiguous_raster_needs_a_flag_and_our_own_labels_are_recognised(tmp_pat
     geobox = snapped_geobox((0, 0, 20, 20), 32631, 10)
     data = np.array([[11, 21], [31, 41]], dtype=np.uint8)  # GRID_CODE or Level-2 codes?
     _write_raster(tmp_path / "amb.tif", data, geobox)
-    with pytest.raises(InputError, match="--grid-code or --codes"):
+    with pytest.raises(InputError, match="`grid_code`"):
         label_raster(tmp_path / "amb.tif", geobox)
     assert label_raster(tmp_path / "amb.tif", geobox, grid_code=False).values.tolist() == [
         [11, 21], [31, 41]]
@@ -461,8 +461,8 @@ def test_api_errors_for_grid_options_and_existing_output(lanjaron, tmp_path, mon
         dst.write(np.full((1, 4, 4), 311, dtype=np.uint16))
     with pytest.raises(InputError, match="has no CRS.*gdal_edit.py -a_srs"):
         label_raster(tmp_path / "nocrs.tif", geobox)
-    with pytest.raises(InputError, match="has no CRS.*--epsg"):
-        geobox_like(tmp_path / "nocrs.tif")
+    with pytest.raises(InputError, match="has no CRS.*`epsg`"):
+        grid_of_raster(tmp_path / "nocrs.tif")
     out = tmp_path / "exists.tif"
     out.write_bytes(b"keep me")
     code, text = _cli(monkeypatch, capsys, "--source", str(path), "--epsg", "25830",

@@ -9,10 +9,10 @@ from clc_dask.model import (
     Normalization,
     band_statistics,
     build_model,
-    file_sha256,
     load_checkpoint,
     save_checkpoint,
 )
+from clc_dask.stores import file_sha256
 
 
 @pytest.fixture

@@ -20,10 +20,10 @@ from odc.geo.geom import box
 
 from clc_dask.errors import ConfigError, InputError, ReadError
 from clc_dask.grid import geobox_for_aoi
+from clc_dask.items import composite_bands
 from clc_dask.load import load_scenes
 from clc_dask.mosaic import (
     MASKED_SCL_CLASSES,
-    composite_bands,
     median_of_clear,
     mosaic_paths,
     seasonal_mosaic,
@@ -199,7 +199,7 @@ def test_failed_write_leaves_nothing(tmp_path):
 def twm(shared_data):
     items = search_items(shared_data / TWM_CATALOG, bbox=TWM_BBOX, datetime="2023-08")
     gbox = geobox_for_aoi(box(*TWM_BBOX, "EPSG:4326"), 32633, 120)
-    scenes = load_scenes(items, gbox, gdal=READDIR, chunksize=512, bands=("B02", "B03", "B04"))
+    scenes = load_scenes(items, gbox, gdal=READDIR, chunk_size=512, bands=("B02", "B03", "B04"))
     return items, gbox, scenes
 
 
@@ -215,7 +215,7 @@ def test_load_33TWM_on_an_explicit_grid(twm, shared_data):
     scl = scenes.sel(band="SCL").values
     assert set(np.unique(scl)) <= set(range(12)) and (scl == 9).any()
     # one task per band and 128² chunk to read all dates (not one per date), a few to reduce
-    small = load_scenes(items, gbox, gdal=READDIR, chunksize=128, bands=("B04", "B03", "B02"))
+    small = load_scenes(items, gbox, gdal=READDIR, chunk_size=128, bands=("B04", "B03", "B02"))
     n_chunks = small.data.numblocks[2] * small.data.numblocks[3]
     assert small.data.numblocks[:2] == (1, 4) and n_chunks == 12
     (optimized,) = dask.optimize(seasonal_mosaic(small, "rgb"))
@@ -264,7 +264,7 @@ def test_unreadable_asset_is_named_after_retries(shared_data, tmp_path, caplog):
     bad.write_bytes(b"\x00garbage" * 512)
     items = search_items(catalog / "catalog.json", bbox=TWM_BBOX)
     gbox = geobox_for_aoi(box(*TWM_BBOX, "EPSG:4326"), 32633, 120)
-    scenes = load_scenes(items, gbox, gdal=READDIR, chunksize=512, bands=("B04", "B03", "B02"),
+    scenes = load_scenes(items, gbox, gdal=READDIR, chunk_size=512, bands=("B04", "B03", "B02"),
                          retries=1, retry_delay=0.0)
     out = tmp_path / "out" / "m.tif"
     with pytest.raises(ReadError, match=rf"Cannot read asset {bad} after 2 attempts: .*not "
@@ -287,12 +287,10 @@ def _run_cli(args, capsys, monkeypatch):
 
 
 def test_cli_defaults_mirror_the_library():
-    from clc_dask import grid, load, mosaic
+    from clc_dask import load
     from clc_dask.cli import mosaic as cli_mosaic
 
-    assert cli_mosaic.COMPOSITES == tuple(mosaic.COMPOSITES)
     assert cli_mosaic.DEFAULT_CHUNK_SIZE == load.DEFAULT_CHUNK_SIZE
-    assert cli_mosaic.DEFAULT_RESOLUTION == grid.DEFAULT_RESOLUTION
 
 
 def _twm_cli_args(shared_data, out, *extra):
@@ -393,7 +391,7 @@ def test_demo_mosaic_uses_only_clear_harmonised_observations(demo_region, demo_s
     scenes_meta = {s.id: s for s in demo_region.scenes if s.season == season}
     items = search_items(demo_servers.stac_url, bbox=demo_region.bbox_lonlat, season=season,
                          years=[demo_region.year], collection=demo_servers.collection_id)
-    scenes = load_scenes(items, demo_region.geobox, bands=("B08", "B04", "B03"), chunksize=256)
+    scenes = load_scenes(items, demo_region.geobox, bands=("B08", "B04", "B03"), chunk_size=256)
     assert scenes.odc.geobox == demo_region.geobox
     result = seasonal_mosaic(scenes, composite="nrg")
     red = result["reflectance"].sel(band="B04").values
@@ -432,7 +430,7 @@ def test_missing_remote_asset_is_an_error_not_nodata(demo_region, demo_servers):
                          years=[demo_region.year], collection=demo_servers.collection_id)
     broken = items[0].clone()
     broken.assets["red"].href = broken.assets["red"].href.replace("B04.tif", "B04-missing.tif")
-    scenes = load_scenes([broken], demo_region.geobox, bands=("B04",), chunksize=512, retries=0)
+    scenes = load_scenes([broken], demo_region.geobox, bands=("B04",), chunk_size=512, retries=0)
     with pytest.raises(ReadError, match=r"Cannot read asset http://127\.0\.0\.1:\d+/.*/B04-missing\.tif: .*404"):
         scenes.sel(band="B04").compute()
 

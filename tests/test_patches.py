@@ -363,13 +363,13 @@ def test_class_table_of_index_uses_given_codes(scene):
 
 def test_index_from_a_demo_region_mosaic(tmp_path, demo_region):
     """The mosaic stage's output (COG + clear-count sidecar) and the demo's Level-3 codes feed the index."""
-    from clc_dask.items import normalize_items
+    from clc_dask.items import composite_bands, normalize_items
     from clc_dask.load import load_scenes
-    from clc_dask.mosaic import composite_bands, seasonal_mosaic, write_mosaic
+    from clc_dask.mosaic import seasonal_mosaic, write_mosaic
 
     bands = composite_bands("nrg")
     items = [it for it, sc in zip(demo_region.items(), demo_region.scenes, strict=True) if sc.season == "september"]
-    scenes = load_scenes(normalize_items(items, bands), demo_region.geobox, bands=bands, chunksize=256)
+    scenes = load_scenes(normalize_items(items, bands), demo_region.geobox, bands=bands, chunk_size=256)
     mosaic = write_mosaic(seasonal_mosaic(scenes, composite="nrg"), tmp_path / "mosaic_september.tif")[0]
     clear = find_clear_count(mosaic)
     assert clear is not None

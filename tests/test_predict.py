@@ -20,8 +20,9 @@ from clc_dask import predict as P
 from clc_dask.classes import ClassTable, colormap
 from clc_dask.errors import CheckpointError, ConfigError, InputError, OutputError
 from clc_dask.grid import snapped_geobox
-from clc_dask.model import Checkpoint, Normalization, build_model, file_sha256, save_checkpoint
+from clc_dask.model import Checkpoint, Normalization, build_model, save_checkpoint
 from clc_dask.rasters import open_raster, to_dataarray, write_geotiff
+from clc_dask.stores import file_sha256
 
 BANDS = ("B04", "B03", "B02")
 CODES = [11, 12, 21, 23, 31, 32, 51]
@@ -260,7 +261,7 @@ def test_bands_picked_by_name(files, reference):
 def test_existing_output_kept_without_overwrite(files, tmp_path):
     out = tmp_path / "map.tif"
     out.write_bytes(b"keep")
-    with pytest.raises(OutputError, match="--overwrite"):
+    with pytest.raises(OutputError, match="`overwrite`"):
         P.predict_to_file(files["mosaic"], files["ckpt"], out, overwrite=False, **OPTS)
     assert out.read_bytes() == b"keep"
 

@@ -54,7 +54,7 @@ def test_failed_write_leaves_nothing(tmp_path, gbox):
 def test_overwrite_refused_and_missing_input(tmp_path, gbox):
     path = tmp_path / "c.tif"
     path.write_bytes(b"old")
-    with pytest.raises(OutputError, match="--overwrite"):
+    with pytest.raises(OutputError, match="`overwrite`"):
         write_geotiff(to_dataarray(np.ones((512, 512), np.uint8), gbox), path, overwrite=False)
     assert path.read_bytes() == b"old"
     with pytest.raises(InputError, match="does not exist"):

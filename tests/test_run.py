@@ -32,12 +32,15 @@ from clc_dask.errors import CheckpointError, ConfigError, InputError, OutputErro
 from clc_dask.generalize import generalize_array
 from clc_dask.grid import TileGrid, snapped_geobox
 from clc_dask.load import load_scenes
-from clc_dask.manifest import Manifest
-from clc_dask.model import Checkpoint, Normalization, build_model, file_sha256, save_checkpoint
+from clc_dask.model import Checkpoint, Normalization, build_model, save_checkpoint
 from clc_dask.mosaic import seasonal_mosaic
-from clc_dask.pipeline import TileLayout, TilePipeline
 from clc_dask.predict import predict
+from clc_dask.run import Manifest
+from clc_dask.run import plan as run_plan
+from clc_dask.run.layout import TileLayout
+from clc_dask.run.tiles import TileProcessor
 from clc_dask.search import search_items
+from clc_dask.stores import file_sha256
 
 CODES = [11, 21, 23, 31, 32, 51]
 BANDS = ("B08", "B04", "B03")
@@ -212,9 +215,8 @@ def test_dry_run_counts_catalog_scenes_and_estimates_the_real_graph(root, region
     assert summary["bytes_to_read"] == 16 * (TILE + 2 * HALO) ** 2 * 6.25
     # the estimate against the graph the pipeline builds, as the scheduler receives it
     prepared = R.prepare_run(config)
-    pipeline = TilePipeline(config, prepared.checkpoint, list(prepared.items), prepared.plan.grid,
-                            prepared.aoi, prepared.store)
-    for tile in prepared.plan.tiles[:2]:
+    pipeline = TileProcessor(prepared)
+    for tile in R.plan_run(prepared).tiles[:2]:
         task = pipeline.build(tile)
         (optimized,) = dask.optimize(task.result)
         real = len(optimized.__dask_graph__())
@@ -240,13 +242,13 @@ def test_run_from_a_stac_api_over_http(root, region, reference, demo_servers):
 
 def test_batches_keep_graphs_under_the_task_limit(root, region, monkeypatch):
     config = load_run_config(write_config(root, region, "batches", cluster={"tiles_per_batch": 4}))
-    plan = R.plan_run(config)
+    plan = R.plan_run(R.resolve_run(config, scenes="none"))
     per_tile = max(e.tasks for e in plan.estimates.values())
     assert [len(b) for b in plan.batches] == [4]
-    monkeypatch.setattr(R, "MAX_TASKS_PER_GRAPH", 2 * per_tile + 1)
-    plan = R.plan_run(config)
+    monkeypatch.setattr(run_plan, "MAX_TASKS_PER_GRAPH", 2 * per_tile + 1)
+    plan = R.plan_run(R.resolve_run(config, scenes="none"))
     assert [len(b) for b in plan.batches] == [2, 2]
-    assert all(sum(plan.estimates[t.name].tasks for t in b) <= R.MAX_TASKS_PER_GRAPH for b in plan.batches)
+    assert all(sum(plan.estimates[t.name].tasks for t in b) <= run_plan.MAX_TASKS_PER_GRAPH for b in plan.batches)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -262,7 +264,7 @@ def test_run_outputs_are_seamless_generalized_and_published(reference, root, reg
     # the tiles stitch into the map one prediction over the whole grid gives (no seams)
     items = search_items(str(region.catalog_path), season="september", years=[2018], max_cloud=80)
     padded = region.geobox.pad(WINDOW)  # origin on the window grid, context beyond the edges
-    mosaic = seasonal_mosaic(load_scenes(list(items), padded, bands=list(BANDS), chunksize=256), "nrg")
+    mosaic = seasonal_mosaic(load_scenes(list(items), padded, bands=list(BANDS), chunk_size=256), "nrg")
     whole = predict(mosaic["reflectance"].sel(band=list(BANDS)), root / "model.pt", halo=HALO, window=WINDOW,
                     batch_size=4, device="cpu", chunk_size=256).values[WINDOW:-WINDOW, WINDOW:-WINDOW]
     np.testing.assert_array_equal(classes, whole)
@@ -371,13 +373,13 @@ def test_store_of_another_run_refused_unless_overwrite(root, region, reference, 
     before = (store / "manifest.json").read_bytes()
     other = load_run_config(write_config(root, region, "other", name="other-run", output={"store": str(store)},
                                          generalize={"enabled": False}))
-    with pytest.raises(OutputError, match="run 'demo-run'.*--overwrite"):
+    with pytest.raises(OutputError, match="run 'demo-run'.*`overwrite`"):
         R.execute_run(other)
     with pytest.raises(OutputError, match="run 'demo-run'"):
         R.dry_run(other)
     # the same run again without --resume
     same = load_run_config(write_config(root, region, "same", output={"store": str(store)}))
-    with pytest.raises(OutputError, match="--resume"):
+    with pytest.raises(OutputError, match="`resume`"):
         R.execute_run(same)
     assert (store / "manifest.json").read_bytes() == before
     # a folder with tiles but no manifest

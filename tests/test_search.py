@@ -20,12 +20,10 @@ from clc_dask.errors import ConfigError, InputError, SearchError
 from clc_dask.search import (
     PC_SIGNER,
     SIGNER_FIELD,
-    format_interval,
-    parse_interval,
     save_item_collection,
     search_items,
-    season_intervals,
 )
+from clc_dask.seasons import format_interval, parse_interval, season_intervals
 
 CASSETTES = "stac/recorded_api_responses"
 ES_V1_FILTER = "EarthSearchV1_mixed_cql2_filter_TestCLISearch.test_filter.yaml"
@@ -260,7 +258,7 @@ def test_exhausted_retries_raise_search_error():
 
 def test_api_empty_result_says_what_to_relax():
     with _ScriptedAPI([]) as api:
-        with pytest.raises(SearchError, match=r"raise --max-cloud \(now 1\)"):
+        with pytest.raises(SearchError, match=r"raise `max_cloud` \(now 1\)"):
             search_items(api.url, bbox=(0.2, 0.2, 0.8, 0.8), max_cloud=1)  # the item has 5 %
 
 
@@ -288,9 +286,9 @@ def test_aoi_outside_the_catalog(shared_data):
 
 
 def test_empty_result_names_the_filters_to_relax(shared_data):
-    with pytest.raises(SearchError, match=r"5 item\(s\) came back, removed 5 by cloud.*raise --max-cloud \(now 0\.1\)"):
+    with pytest.raises(SearchError, match=r"5 item\(s\) came back, removed 5 by cloud.*raise `max_cloud` \(now 0\.1\)"):
         search_items(shared_data / TWM_CATALOG, bbox=TWM_BBOX, max_cloud=0.1)
-    with pytest.raises(SearchError, match=r"removed 5 by time.*widen --season"):
+    with pytest.raises(SearchError, match=r"removed 5 by time.*widen `season`"):
         search_items(shared_data / TWM_CATALOG, season="april", years=[2023])
 
 
@@ -358,7 +356,7 @@ def test_seasons():
     assert parse_interval("2023-08-10T09:57:57Z/..") == (datetime(2023, 8, 10, 9, 57, 57, tzinfo=UTC), None)
     with pytest.raises(ConfigError, match="needs at least one year"):
         season_intervals("july")
-    with pytest.raises(ConfigError, match="drop --year"):
+    with pytest.raises(ConfigError, match="drop `years`"):
         season_intervals("2023-08-10/2023-08-20", [2023])
     with pytest.raises(ConfigError, match="Unknown season 'summer'"):
         season_intervals("summer", [2020])

@@ -7,14 +7,18 @@ unknown commands or options exit with 2 (click's usage error).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import typer
+import typer.models
+import typer.utils
 
 from clc_dask.errors import ClcDaskError
 
@@ -50,10 +54,6 @@ def _main(
         logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
-for _name in COMMAND_MODULES:
-    importlib.import_module(f"clc_dask.cli.{_name}").register(app)
-
-
 _PARAMETER = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)`")
 
 
@@ -63,19 +63,38 @@ def cli_message(message: str, flags: Mapping[str, str]) -> str:
     return _PARAMETER.sub(lambda m: flags.get(m[1], m[0]), message)
 
 
-def command_flags(argv: Sequence[str]) -> dict[str, str]:
-    """Parameter name → option (its first long flag) of the sub-command named in ``argv``."""
-    import typer.main
-
-    group = typer.main.get_command(app)
-    name = next((a for a in argv if not a.startswith("-")), None)
-    command = group.commands.get(name) if name and hasattr(group, "commands") else None  # type: ignore[attr-defined]
+def option_flags(callback: Callable[..., Any]) -> dict[str, str]:
+    """Parameter name → option (its first long flag) of a command function."""
     flags: dict[str, str] = {}
-    for param in getattr(command, "params", []):
-        longs = [o for o in getattr(param, "opts", []) if o.startswith("--")]
-        if param.name and longs:
-            flags[param.name] = longs[0]
+    for name, meta in typer.utils.get_params_from_function(callback).items():
+        info = meta.default
+        if not isinstance(info, typer.models.OptionInfo):
+            continue
+        decls = [d for d in (info.param_decls or ()) if d.startswith("--")]
+        flags[name] = decls[0] if decls else "--" + name.replace("_", "-")
     return flags
+
+
+def with_cli_messages(callback: Callable[..., Any]) -> Callable[..., Any]:
+    """``callback`` whose clc-dask errors name its options instead of library parameters."""
+    flags = option_flags(callback)
+
+    @functools.wraps(callback)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return callback(*args, **kwargs)
+        except ClcDaskError as exc:
+            exc.args = (cli_message(str(exc), flags), *exc.args[1:])
+            raise
+
+    return command
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"clc_dask.cli.{_name}").register(app)
+for _info in app.registered_commands:
+    if _info.callback is not None:
+        _info.callback = with_cli_messages(_info.callback)
 
 
 def main() -> None:
@@ -83,7 +102,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except ClcDaskError as exc:
-        typer.echo(f"Error: {cli_message(str(exc), command_flags(sys.argv[1:]))}", err=True)
+        typer.echo(f"Error: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("Interrupted.", err=True)

@@ -8,19 +8,11 @@ from typing import Annotated
 
 import typer
 
+from clc_dask.cli.options import SCHEDULER_HELP, parse_codes, parse_tile_names
 from clc_dask.errors import ConfigError
-from clc_dask.grid import DEFAULT_TILE_SIZE, TileGrid, chunk_size_for
+from clc_dask.grid import DEFAULT_TILE_SIZE
 
 log = logging.getLogger(__name__)
-
-
-def _int_list(text: str | None, what: str) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError as exc:
-        raise ConfigError(f"{what} must be comma-separated CLC codes such as 11,12,21, not {text!r}.") from exc
 
 
 def _fmt(value: float | None) -> str:
@@ -40,62 +32,25 @@ def evaluate_command(
     tile_size: Annotated[int, typer.Option("--tile-size", help="Tile edge in pixels.")] = DEFAULT_TILE_SIZE,
     figures: Annotated[Path | None, typer.Option(
         "--figures", help="Folder for PNGs: IoU bar chart and reference/prediction maps (and per tile).")] = None,
-    chunks: Annotated[int, typer.Option(
-        "--chunks", help="Dask chunk edge in pixels (made to divide --tile-size).")] = 2048,
-    address: Annotated[str | None, typer.Option(
-        "--scheduler", "--address", help="Dask scheduler to count on (default: threads in this process).")] = None,
+    chunk_size: Annotated[int, typer.Option(
+        "--chunk-size", "--chunks", help="Dask chunk edge in pixels (made to divide --tile-size).")] = 2048,
+    scheduler: Annotated[str | None, typer.Option("--scheduler", "--address", help=SCHEDULER_HELP)] = None,
 ) -> None:
     """Score a class map against a reference: IoU, precision, recall, F1, OA, kappa (JSON)."""
-    from clc_dask import evaluate as ev
-    from clc_dask import report as rp
-    from clc_dask.rasters import check_writable, geobox_of, open_raster
+    from clc_dask.cluster import connect
+    from clc_dask.evaluate import evaluate_files
 
-    if tiles and per_tile:
-        raise ConfigError("Give either --tiles NAMES or --per-tile, not both.")
-    chunk = chunk_size_for(tile_size, chunks)
-    pred = open_raster(prediction, chunks=chunk)
-    ref = open_raster(reference, chunks=chunk)
-    code_list = _int_list(codes, "--codes")
-    tile_sel: TileGrid | list[str] | None = None
-    if per_tile:
-        tile_sel = TileGrid(geobox_of(ref), tile_size)
-    elif tiles:
-        tile_sel = [t for t in tiles.replace(" ", "").split(",") if t]
-    ev.validate_inputs(pred, ref, level=level, codes=code_list, tiles=tile_sel, tile_size=tile_size)
-    check_writable(out)
-    if figures is not None:
-        check_writable(figures / "iou.png")
-
-    client = None
-    if address:
-        from clc_dask.cluster import get_client
-
-        client = get_client(address, kind="address")
-    try:
-        report = ev.evaluate(pred, ref, level=level, codes=code_list, tiles=tile_sel, tile_size=tile_size)
-    finally:
-        if client is not None:
-            client.close()
-    report["prediction"] = str(prediction)
-    report["reference"] = str(reference)
-    ev.write_report(report, out)
+    with connect(scheduler):
+        report = evaluate_files(prediction, reference, out, level=level, codes=parse_codes(codes, "--codes"),
+                                tiles=parse_tile_names(tiles), per_tile=per_tile, tile_size=tile_size,
+                                chunk_size=chunk_size, figures=figures)
     typer.echo(
         f"mIoU {_fmt(report['mean_iou'])}  OA {_fmt(report['overall_accuracy'])}  "
         f"kappa {_fmt(report['kappa'])}  ({len(report['codes'])} classes) → {out}"
     )
     for name, sub in report.get("tiles", {}).items():
         typer.echo(f"  tile {name}: mIoU {_fmt(sub['mean_iou'])}  OA {_fmt(sub['overall_accuracy'])}")
-
     if figures is not None and report["codes"]:
-        rp.iou_bar_chart(report, figures / "iou.png", title=f"IoU per class – {prediction.stem}")
-        rp.map_figure(pred, ref, figures / "map.png", level=level, title=prediction.stem)
-        for name, sub in report.get("tiles", {}).items():
-            y0, y1, x0, x1 = sub["pixel_slices"]
-            window = {"y": slice(y0, y1), "x": slice(x0, x1)}
-            if sub["codes"] and sub["valid_pixels"]:
-                rp.iou_bar_chart({**sub, "level": level}, figures / f"iou_{name}.png", title=f"IoU per class – tile {name}")
-            rp.map_figure(pred.isel(window), ref.isel(window), figures / f"map_{name}.png", level=level,
-                          title=f"Tile {name}")
         typer.echo(f"figures → {figures}")
 
 
@@ -128,7 +83,7 @@ def report_table_command(
             rows.update(rp.tile_reports(report, prefix=f"{name} " if len(loaded) > 1 else ""))
         else:
             rows[name] = report
-    table = rp.paper_table(rows, _int_list(classes, "--classes"), metric=metric, with_mean=mean)
+    table = rp.paper_table(rows, parse_codes(classes, "--classes"), metric=metric, with_mean=mean)
     for path in out:
         rp.write_table(table, path)
     typer.echo(rp.table_markdown(table), nl=False)

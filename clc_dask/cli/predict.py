@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from clc_dask.errors import ConfigError
+from clc_dask.cli.options import parse_tile_names
 from clc_dask.grid import DEFAULT_TILE_SIZE
 
 
@@ -31,11 +31,12 @@ def predict_command(
     chunk_size: Annotated[int, typer.Option(
         "--chunk-size", help="Dask chunk edge in pixels; a multiple of --window runs every window once.")] = 2048,
     scheduler: Annotated[str | None, typer.Option(
-        "--scheduler", help="Dask scheduler address (default: DASK_SCHEDULER_ADDRESS, else a local cluster).")] = None,
+        "--scheduler", "--address", help="Dask scheduler address (default: DASK_SCHEDULER_ADDRESS, else a "
+        "local cluster).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
 ) -> None:
     """Predict a CLC class map from a mosaic with a trained U-Net, chunk by chunk on Dask."""
-    from clc_dask.cluster import get_client
+    from clc_dask.cluster import connect
     from clc_dask.predict import (
         check_options,
         predict_tiles_to_files,
@@ -43,15 +44,12 @@ def predict_command(
         resolve_device,
     )
 
-    names = [t.strip() for t in tiles.split(",") if t.strip()] if tiles is not None else None
-    if names is not None and not names:
-        raise ConfigError("--tiles is empty: give tiles as row_col, e.g. --tiles 4_3,3_2.")
+    names = parse_tile_names(tiles)
     check_options(window, halo, batch_size, chunk_size)  # before a cluster starts
     if device != "auto":
         resolve_device(device)
     opts = dict(halo=halo, window=window, batch_size=batch_size, device=device, chunk_size=chunk_size)
-    client = get_client(address=scheduler)
-    try:
+    with connect(scheduler, kind="auto") as client:
         if names:
             written = predict_tiles_to_files(mosaic, checkpoint, out, names, client, probabilities_path=probabilities,
                                              overwrite=overwrite, tile_size=tile_size, **opts)
@@ -61,11 +59,6 @@ def predict_command(
             path = predict_to_file(mosaic, checkpoint, out, client, probabilities_path=probabilities,
                                    overwrite=overwrite, **opts)
             typer.echo(str(path))
-    finally:
-        cluster = client.cluster  # None when connected to a scheduler address: leave it running
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def register(app: typer.Typer) -> None:

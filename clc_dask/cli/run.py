@@ -13,11 +13,12 @@ from typing import Annotated, Any
 
 import typer
 
+from clc_dask.cli.options import parse_tile_names
 from clc_dask.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-PERFORMANCE_REPORT = "performance-report.html"
+PERFORMANCE_REPORT = "performance-report.html"  # as clc_dask.run.store.PERFORMANCE_REPORT
 
 
 def register(app: typer.Typer) -> None:
@@ -52,12 +53,13 @@ def register(app: typer.Typer) -> None:
         no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (log lines only).")] = False,
     ) -> None:
         """Map an AOI tile by tile: scenes → mosaic → U-Net → generalized CLC map, COG/Zarr + STAC."""
+        from clc_dask.cluster import connect_for_run
         from clc_dask.config import load_run_config
         from clc_dask.run import dry_run as plan_dry_run
-        from clc_dask.run import prepare_run, publish_run, run_prepared
+        from clc_dask.run import execute, plan_run, publish_run, resolve_run
 
         cfg = load_run_config(config)
-        names = _tile_names(tiles)
+        names = parse_tile_names(tiles)
         if publish_only:
             typer.echo(str(publish_run(cfg)))
             return
@@ -68,55 +70,25 @@ def register(app: typer.Typer) -> None:
             else:
                 typer.echo(plan.table(px_per_second=px_per_second))
             return
-        prepared = prepare_run(cfg, tile_names=names, resume=resume, overwrite=overwrite)
-        plan = prepared.plan
+        ctx = resolve_run(cfg, tile_names=names, resume=resume, overwrite=overwrite)
+        plan = plan_run(ctx)
         typer.echo(f"{len(plan.tiles)} tile(s) to compute, {len(plan.skipped)} already finished, "
-                   f"{len(plan.batches)} batch(es); output {prepared.store}", err=True)
+                   f"{len(plan.batches)} batch(es); output {ctx.store}", err=True)
         report = performance_report or cfg.output.performance_report
         if report and importlib.util.find_spec("bokeh") is None:
             raise ConfigError("A Dask performance report needs bokeh: pip install 'bokeh>=3.1,<3.10', "
                               "or run without --performance-report / output.performance_report.")
-        with _client(cfg, scheduler) as client, _progress(len(plan.tiles) + len(plan.skipped), no_progress) as bar:
+        with connect_for_run(cfg.cluster, scheduler) as client, _progress(len(plan.tiles) + len(plan.skipped), no_progress) as bar:
             if client is not None:
                 link = client.dashboard_link
                 log.info("Dask dashboard: %s", link)
                 typer.echo(f"Dask dashboard: {link}", err=True)
             elif report:
                 log.warning("cluster.kind 'threads' has no Dask dashboard and no performance report")
-            with _performance_report(client, prepared.store / PERFORMANCE_REPORT if report else None):
-                result = run_prepared(prepared, client=client, progress=lambda name: bar.update(1))
+            with _performance_report(client, ctx.store / PERFORMANCE_REPORT if report else None):
+                result = execute(ctx, plan, client=client, progress=lambda name: bar.update(1))
         typer.echo(json.dumps({"store": str(result.store), "computed": result.computed,
                                "skipped": result.skipped, "collection": str(result.collection)}))
-
-
-def _tile_names(tiles: str | None) -> list[str] | None:
-    if tiles is None:
-        return None
-    names = [t.strip() for t in tiles.split(",") if t.strip()]
-    if not names:
-        raise ConfigError("--tiles is empty: give tiles as row_col, e.g. --tiles 1_1,1_2.")
-    return names
-
-
-@contextlib.contextmanager
-def _client(cfg: Any, scheduler: str | None) -> Iterator[Any]:
-    """The run's Dask client (None for cluster.kind 'threads'); a started cluster is closed after."""
-    from clc_dask.cluster import get_client
-
-    c = cfg.cluster
-    if scheduler is None and c.kind == "threads":
-        yield None
-        return
-    kind = "address" if scheduler else ("auto" if c.kind == "address" else c.kind)
-    client = get_client(address=scheduler or c.address, kind=kind, n_workers=c.n_workers,
-                        threads_per_worker=c.threads_per_worker, memory_limit=c.memory_limit)
-    cluster = client.cluster  # None when connected to a running scheduler
-    try:
-        yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 @contextlib.contextmanager

@@ -8,30 +8,9 @@ from typing import Annotated
 
 import typer
 
-from clc_dask.errors import ConfigError
+from clc_dask.cli.options import SEASON_HELP, SOURCE_HELP, parse_bbox
 
 log = logging.getLogger(__name__)
-
-# Library modules (pystac-client, stackstac …) are imported inside the commands, so that
-# `clc-dask --help` starts fast.
-SOURCE_HELP = ("Catalog preset (earth-search, planetary-computer), STAC API URL, static "
-               "catalog/collection JSON, or item-collection JSON.")
-SEASON_HELP = ("april, july, september (the whole month, in each --year), MM-DD/MM-DD, or "
-               "YYYY-MM-DD/YYYY-MM-DD.")
-
-
-def parse_bbox(text: str | None) -> tuple[float, float, float, float] | None:
-    """``"W,S,E,N"`` in degrees → four floats (None stays None)."""
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise ConfigError(f"--bbox {text!r} is not WEST,SOUTH,EAST,NORTH in degrees, e.g. "
-                          "16.0,46.0,16.1,46.1.")
-    return values  # type: ignore[return-value]
 
 
 def register(app: typer.Typer) -> None:
@@ -48,8 +27,8 @@ def register(app: typer.Typer) -> None:
         aoi: Annotated[Path | None, typer.Option("--aoi", help="Vector file with the area "
                        "(GeoJSON, GeoPackage, Shapefile).")] = None,
         season: Annotated[str | None, typer.Option("--season", help=SEASON_HELP)] = None,
-        year: Annotated[list[int] | None, typer.Option("--year", help="Year of --season "
-                        "(repeat for several years).")] = None,
+        years: Annotated[list[int] | None, typer.Option("--year", help="Year of --season "
+                         "(repeat for several years).")] = None,
         datetime: Annotated[str | None, typer.Option("--datetime", help="START/END in ISO 8601 "
                             "('..' for open), instead of --season.")] = None,
         max_cloud: Annotated[float | None, typer.Option("--max-cloud", min=0, max=100,
@@ -66,7 +45,7 @@ def register(app: typer.Typer) -> None:
         check_writable(out, overwrite)
         items = search_items(
             source, bbox=parse_bbox(bbox), aoi=aoi, datetime=datetime, season=season,
-            years=year or (), max_cloud=max_cloud, collection=collection, max_items=max_items,
+            years=years or (), max_cloud=max_cloud, collection=collection, max_items=max_items,
         )
         path = save_item_collection(items, out)
         dates = sorted({i.datetime.date().isoformat() for i in items if i.datetime})

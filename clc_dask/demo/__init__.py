@@ -131,7 +131,7 @@ def step_search(ctx: DemoContext) -> dict[str, Any]:
         raise SearchError(
             f"The demo STAC API at {servers.stac_url} returned {len(items)} items for the region, "
             f"expected {len(region.scenes)}: the served catalog is incomplete; rebuild the region "
-            "in a new --workdir."
+            "in a new `workdir`."
         )
     clear = [i for i in items if float(i.properties.get("eo:cloud_cover", 100)) < DEMO_MAX_CLOUD]
     return {"items": len(items), "clear_items": len(clear), "max_cloud": DEMO_MAX_CLOUD}
@@ -201,12 +201,12 @@ def run_demo(
         steps = steps[: names.index(until) + 1]
     validate_parameters(size, seed, DEFAULT_YEAR, DEFAULT_DATES_PER_SEASON)
     check_loopback(host)
-    check_port(stac_port, "--stac-port")
-    check_port(data_port, "--data-port")
+    check_port(stac_port, "`stac_port`")
+    check_port(data_port, "`data_port`")
     if stac_port and stac_port == data_port:
-        raise ConfigError(f"--stac-port and --data-port are both {stac_port}: give them different ports.")
-    ensure_port_free(host, data_port, "data server", "--data-port")
-    ensure_port_free(host, stac_port, "STAC API", "--stac-port")
+        raise ConfigError(f"`stac_port` and `data_port` are both {stac_port}: give them different ports.")
+    ensure_port_free(host, data_port, "data server", "`data_port`")
+    ensure_port_free(host, stac_port, "STAC API", "`stac_port`")
     workdir = prepare_workdir(workdir)
     ctx = DemoContext(workdir=workdir, size=size, seed=seed, host=host, stac_port=stac_port,
                       data_port=data_port, epochs=epochs)

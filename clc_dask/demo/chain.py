@@ -25,8 +25,22 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import geopandas as gpd
 import numpy as np
 import yaml
+
+from clc_dask.cluster import connect
+from clc_dask.config import parse_run_config
+from clc_dask.evaluate import evaluate, write_report
+from clc_dask.generalize import generalize_file
+from clc_dask.labels import make_labels, write_labels
+from clc_dask.mosaic import make_mosaic, write_mosaic
+from clc_dask.predict import predict_to_file
+from clc_dask.rasters import open_raster, to_dataarray
+from clc_dask.report import iou_bar_chart, map_figure, paper_table, write_table
+from clc_dask.run import execute_run
+from clc_dask.seasons import SEASONS
+from clc_dask.stores import atomic_path
 
 if TYPE_CHECKING:
     from odc.geo.geobox import GeoBox
@@ -36,7 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Seasons mosaicked by the demo (the paper's three).
-DEMO_SEASONS = ("april", "july", "september")
+DEMO_SEASONS = SEASONS
 #: Season the demo model is trained on and applied to.
 DEMO_SEASON = "september"
 #: Scenes above this cloud cover (%) are left out of the mosaics; SCL masks the rest.
@@ -62,38 +76,27 @@ def held_out_rows(size: int) -> slice:
 
 def step_mosaics(ctx: DemoContext) -> dict[str, Any]:
     """Search each season through the loopback STAC API and write its mosaic."""
-    from clc_dask.items import normalize_items
-    from clc_dask.load import load_scenes
-    from clc_dask.mosaic import seasonal_mosaic, write_mosaic
-    from clc_dask.search import save_item_collection, search_items
-
     region, servers = ctx.require_region(), ctx.require_servers()
     out = _folders(ctx)["mosaics"]
     written: dict[str, str] = {}
     dates: dict[str, int] = {}
     for season in DEMO_SEASONS:
-        items = search_items(servers.stac_url, bbox=region.bbox_lonlat, season=season, years=[region.year],
-                             max_cloud=DEMO_MOSAIC_MAX_CLOUD, collection=region.collection_id)
-        bands = ("B02", "B03", "B04", "B08")
-        scenes = load_scenes(normalize_items(items, bands), region.geobox, bands=bands, chunksize=1024)
-        mosaic = seasonal_mosaic(scenes, composite="all")
+        mosaic = make_mosaic(servers.stac_url, grid=region.geobox, season=season, years=[region.year],
+                             max_cloud=DEMO_MOSAIC_MAX_CLOUD, collection=region.collection_id,
+                             composite="all", chunk_size=1024)
         paths = write_mosaic(mosaic, out / f"{season}.tif", format="cog", clear_count=True, overwrite=True)
-        save_item_collection(items, out / f"{season}.items.json")
         written[season] = str(paths[0])
-        dates[season] = len(items)
+        dates[season] = len(mosaic.attrs["items"])
     ctx.outputs["mosaics"] = written
     return {"seasons": ",".join(DEMO_SEASONS), "dates": dates, "folder": str(out)}
 
 
 def step_labels(ctx: DemoContext) -> dict[str, Any]:
     """Level-2 CLC codes on the mosaics' grid, and the training copy without the held-out strip."""
-    from clc_dask.labels import label_raster, write_labels
-    from clc_dask.rasters import open_raster, to_dataarray
-
     region = ctx.require_region()
     out = _folders(ctx)["labels"]
     mosaic = open_raster(ctx.outputs["mosaics"][DEMO_SEASON])
-    labels = label_raster(region.clc_path, mosaic.odc.geobox, level=DEMO_LEVEL, field=region.clc_field)
+    labels = make_labels(region.clc_path, like=mosaic, level=DEMO_LEVEL, field=region.clc_field)
     reference = write_labels(labels, out / "clc_level2.tif", level=DEMO_LEVEL, overwrite=True)
     codes = open_raster(reference).values[0]
     training = codes.copy()
@@ -121,8 +124,6 @@ def step_train(ctx: DemoContext) -> dict[str, Any]:
 
 def step_predict(ctx: DemoContext) -> dict[str, Any]:
     """Map the September mosaic with the trained model on the local cluster."""
-    from clc_dask.predict import predict_to_file
-
     paths = ctx.outputs
     out = predict_to_file(paths["mosaics"][DEMO_SEASON], paths["checkpoint"], _folders(ctx)["maps"] / "classes.tif",
                           client=_client(ctx), overwrite=True)
@@ -132,10 +133,6 @@ def step_predict(ctx: DemoContext) -> dict[str, Any]:
 
 def step_evaluate(ctx: DemoContext) -> dict[str, Any]:
     """Score the held-out strip (and the whole region) against the CLC reference."""
-    from clc_dask.evaluate import evaluate, write_report
-    from clc_dask.rasters import open_raster
-    from clc_dask.report import iou_bar_chart, map_figure, paper_table, write_table
-
     paths = ctx.outputs
     out = _folders(ctx)["evaluation"]
     prediction = open_raster(paths["prediction"]).isel(band=0, drop=True)
@@ -158,8 +155,6 @@ def step_evaluate(ctx: DemoContext) -> dict[str, Any]:
 
 def step_generalize(ctx: DemoContext) -> dict[str, Any]:
     """CORINE rules (25 ha, 100 m) on the class map, with polygons and the GDAL-sieve comparison."""
-    from clc_dask.generalize import generalize_file
-
     paths = ctx.outputs
     maps = _folders(ctx)["maps"]
     summary = generalize_file(paths["prediction"], maps / "generalized.tif", vector=maps / "generalized.gpkg",
@@ -193,10 +188,6 @@ def demo_run_config(ctx: DemoContext) -> dict[str, Any]:
 def write_aoi(geobox: GeoBox, path: Path) -> Path:
     """The region's footprint as a GeoPackage in the region's own CRS (so the run's grid
     is exactly the region's, with no reprojection rounding)."""
-    import geopandas as gpd
-
-    from clc_dask.rasters import atomic_path
-
     frame = gpd.GeoDataFrame({"name": ["demo region"]}, geometry=[geobox.extent.geom], crs=geobox.crs.to_wkt())
     with atomic_path(path, suffix=".gpkg") as tmp:
         tmp.unlink()
@@ -206,9 +197,6 @@ def write_aoi(geobox: GeoBox, path: Path) -> Path:
 
 def step_run(ctx: DemoContext) -> dict[str, Any]:
     """A production run over the region: tiles, manifest and STAC outputs."""
-    from clc_dask.config import parse_run_config
-    from clc_dask.run import execute_run
-
     raw = demo_run_config(ctx)
     config_path = ctx.workdir / "run.yaml"
     config_path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
@@ -221,11 +209,7 @@ def step_run(ctx: DemoContext) -> dict[str, Any]:
 def _client(ctx: DemoContext) -> Any:
     """The demo's local Dask cluster, started once and closed when the demo ends."""
     if ctx.client is None:
-        from clc_dask.cluster import get_client
-
-        ctx.client = get_client(kind="local", n_workers=2, threads_per_worker=1)
-        ctx.stack.callback(ctx.client.cluster.close)
-        ctx.stack.callback(ctx.client.close)
+        ctx.client = ctx.stack.enter_context(connect(kind="local", n_workers=2, threads_per_worker=1))
         log.info("demo cluster dashboard: %s", ctx.client.dashboard_link)
     return ctx.client
 

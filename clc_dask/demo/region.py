@@ -46,7 +46,7 @@ from rasterio.transform import Affine
 from clc_dask.classes import colormap
 from clc_dask.demo import landcover, scenes, stac
 from clc_dask.errors import ConfigError, InputError, OutputError
-from clc_dask.rasters import atomic_path
+from clc_dask.stores import atomic_path
 from clc_dask.vectorize import fixed_gpkg_date
 
 log = logging.getLogger(__name__)
@@ -180,21 +180,21 @@ class DemoRegion:
         path = workdir / MANIFEST
         if not path.is_file():
             raise InputError(f"{workdir} holds no demo region (no {MANIFEST}): build one with "
-                             f"`clc-dask demo --workdir {workdir}`.")
+                             f"build_region({str(workdir)!r}) or clc-dask demo --workdir {workdir}.")
         try:
             man = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise InputError(f"{path} is not a readable demo manifest ({exc}): rebuild the region "
-                             "in an empty --workdir.") from exc
+                             "in an empty `workdir`.") from exc
         if man.get("format") != MANIFEST_FORMAT or man.get("format_version") != MANIFEST_VERSION:
             raise InputError(f"{path} is not a clc-dask demo manifest of version {MANIFEST_VERSION}: "
-                             "rebuild the region in an empty --workdir.")
+                             "rebuild the region in an empty `workdir`.")
         for rel, nbytes in man["files"].items():
             f = workdir / rel
             if not f.is_file() or f.stat().st_size != nbytes:
                 raise InputError(f"The demo region in {workdir} is incomplete or modified ({rel} is "
                                  "missing or has another size): rebuild it (delete the workdir, or "
-                                 "use another --workdir).")
+                                 "use another `workdir`).")
         return cls._from_manifest(workdir, man)
 
     @classmethod
@@ -229,12 +229,12 @@ def validate_parameters(size: int, seed: int, year: int = DEFAULT_YEAR,
     """Raise :class:`ConfigError` for parameters the demo cannot build (before any write)."""
     if isinstance(size, bool) or not isinstance(size, int) or size < MIN_SIZE or size % SIZE_STEP:
         raise ConfigError(
-            f"--size must be a multiple of {SIZE_STEP} pixels and at least {MIN_SIZE} "
+            f"`size` must be a multiple of {SIZE_STEP} pixels and at least {MIN_SIZE} "
             f"({MIN_SIZE * RESOLUTION / 1000:g} km at 10 m), not {size!r}: e.g. 512 for a quick "
             f"try, {DEFAULT_SIZE} (the default) for the full demo."
         )
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"--seed must be a non-negative integer, not {seed!r}.")
+        raise ConfigError(f"`seed` must be a non-negative integer, not {seed!r}.")
     if not isinstance(year, int) or not 2017 <= year <= 2100:
         raise ConfigError(f"year must be 2017 or later (both Sentinel-2 satellites flying), not {year!r}.")
     if not isinstance(dates_per_season, int) or not 3 <= dates_per_season <= 6:
@@ -245,17 +245,17 @@ def prepare_workdir(workdir: str | os.PathLike[str]) -> Path:
     """Create ``workdir`` if needed and check it can be written; raise :class:`OutputError`."""
     path = Path(workdir).expanduser()
     if path.exists() and not path.is_dir():
-        raise OutputError(f"The workdir {path} is a file, not a folder: pass a folder with --workdir.")
+        raise OutputError(f"The workdir {path} is a file, not a folder: pass a folder as `workdir`.")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(
             f"Cannot create the workdir {path}: {exc.strerror or exc}. Choose a folder you can "
-            "write to with --workdir."
+            "write to as `workdir`."
         ) from exc
     if not os.access(path, os.W_OK | os.X_OK):
         raise OutputError(f"Cannot write to the workdir {path}: permission denied. Choose a folder "
-                          "you can write to with --workdir.")
+                          "you can write to as `workdir`.")
     return path.resolve()
 
 
@@ -305,7 +305,7 @@ def build_region(
             raise OutputError(
                 f"{workdir} already holds a demo region built with seed {current.seed}, size "
                 f"{current.size}, {current.dates_per_season} dates per season: pass those, or "
-                "choose another --workdir."
+                "choose another `workdir`."
             )
     for stale in workdir.glob(_PARTIAL_PREFIX + "*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -324,7 +324,7 @@ def build_region(
             tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     except OSError as exc:
         raise OutputError(f"Writing the demo region to {workdir} failed: {exc}. Check free space "
-                          "and permissions, or choose another --workdir.") from exc
+                          "and permissions, or choose another `workdir`.") from exc
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     log.info("built the demo region in %s (%d px, seed %d) in %.1f s", workdir, size, seed,

@@ -30,6 +30,7 @@ from rasterio.transform import Affine
 from scipy import ndimage
 
 from clc_dask.demo.landcover import LandCover, fractal_noise, rng_for, smooth_noise
+from clc_dask.seasons import SEASON_MONTHS
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ ASSET_KEYS: dict[str, str] = {"B02": "blue", "B03": "green", "B04": "red", "B08"
 #: BOA_ADD_OFFSET of processing baseline ≥ 04.00, in DN (reflectance × 10 000).
 BOA_OFFSET = 1000
 MAX_DN = 32767  # 15 significant bits, as in the real products
-SEASON_MONTHS: dict[str, int] = {"april": 4, "july": 7, "september": 9}
 OLD_BASELINES = ("02.06", "02.07")
 NEW_BASELINES = ("04.00", "05.00")
 RELATIVE_ORBIT = 122

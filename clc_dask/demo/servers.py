@@ -352,10 +352,10 @@ def serve_region(
         ServerError: a port is in use, or rustac did not start (its stderr is included).
     """
     check_loopback(host)
-    check_port(stac_port, "--stac-port")
-    check_port(data_port, "--data-port")
-    ensure_port_free(host, data_port, "data server", "--data-port")
-    ensure_port_free(host, stac_port, "STAC API", "--stac-port")
+    check_port(stac_port, "`stac_port`")
+    check_port(data_port, "`data_port`")
+    ensure_port_free(host, data_port, "data server", "`data_port`")
+    ensure_port_free(host, stac_port, "STAC API", "`stac_port`")
     with ExitStack() as stack:
         httpd = _start_file_server(region.workdir, host, data_port)
         stack.callback(_stop_file_server, httpd)
@@ -381,9 +381,9 @@ def _start_file_server(root: Path, host: str, port: int) -> FileServer:
         httpd = FileServer(root, host, port)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise _in_use_error(host, port, "data server", "--data-port") from exc
+            raise _in_use_error(host, port, "data server", "`data_port`") from exc
         raise ServerError(f"Cannot start the data server on {host}:{port}: {exc.strerror}. "
-                          "Pass another --data-port.") from exc
+                          "Pass another `data_port`.") from exc
     thread = threading.Thread(target=httpd.serve_forever, name="clc-dask-data-server", daemon=True)
     thread.start()
     httpd.thread = thread  # type: ignore[attr-defined]
@@ -439,7 +439,7 @@ def _start_rustac(host: str, port: int, coll_path: Path, items_path: Path, folde
             if "in use" in stderr.lower():
                 if attempt + 1 < attempts:
                     continue
-                raise _in_use_error(host, use_port, "STAC API", "--stac-port") from exc
+                raise _in_use_error(host, use_port, "STAC API", "`stac_port`") from exc
             raise ServerError(f"{exc} rustac said: {stderr or '(nothing)'}") from exc
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -28,20 +28,17 @@ from pathlib import Path
 from typing import Any
 
 from clc_dask.errors import OutputError
-from clc_dask.model import file_sha256
-from clc_dask.rasters import atomic_path
+from clc_dask.run.store import MANIFEST_NAME, RUN_OUTPUTS
+from clc_dask.stores import atomic_path, file_sha256
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "clc-dask-run-manifest"
 MANIFEST_VERSION = 1
-#: Folders and files of a store that belong to a run (removed by ``--overwrite``).
-RUN_OUTPUTS = ("tiles", "stac", "map.zarr", "styles", "items.json", "run.yaml", "performance-report.html")
 
 
 def config_fingerprint(config_yaml: str) -> str:
-    """SHA-256 of a config text: identifies "the same run" (see :func:`clc_dask.run.output_settings`)."""
+    """SHA-256 of a config text: identifies "the same run" (see :func:`clc_dask.run.context.output_settings`)."""
     return hashlib.sha256(config_yaml.encode("utf-8")).hexdigest()
 
 
@@ -85,11 +82,11 @@ class Manifest:
         except (OSError, ValueError) as exc:
             raise OutputError(
                 f"The run manifest {path} cannot be read ({exc}): the store is damaged. Choose another "
-                "output.store, or pass --overwrite to start the run again."
+                "output.store, or pass `overwrite` to start the run again."
             ) from None
         if data.get("format") != MANIFEST_FORMAT:
             raise OutputError(
-                f"{path} is not a clc-dask run manifest: choose another output.store, or pass --overwrite."
+                f"{path} is not a clc-dask run manifest: choose another output.store, or pass `overwrite`."
             )
         return cls(Path(store), str(data.get("run_name")), str(data.get("config_sha256")),
                    str(data.get("checkpoint_sha256")), dict(data.get("grid") or {}),
@@ -117,7 +114,7 @@ class Manifest:
             if leftovers and not overwrite:
                 raise OutputError(
                     f"Output store {store} already holds {', '.join(leftovers)} but no run manifest: it may "
-                    "be another run's output. Choose another output.store or pass --overwrite to replace it."
+                    "be another run's output. Choose another output.store or pass `overwrite` to replace it."
                 )
             return start
         if old.run_name != run_name or old.config_sha256 != config_sha256:
@@ -126,7 +123,7 @@ class Manifest:
                         else f"run {run_name!r} made with different settings")
                 raise OutputError(
                     f"Output store {store} holds {len(old.tiles)} tile(s) of {what}: choose another "
-                    "output.store, or pass --overwrite to replace them."
+                    "output.store, or pass `overwrite` to replace them."
                 )
             return start
         if old.checkpoint_sha256 != checkpoint_sha256 and old.tiles:
@@ -134,19 +131,19 @@ class Manifest:
                 raise OutputError(
                     f"Output store {store} holds tiles predicted with checkpoint {old.checkpoint_sha256[:12]}… "
                     f"but model.checkpoint is now {checkpoint_sha256[:12]}…: resuming would mix two models. "
-                    "Use the original checkpoint, another output.store, or --overwrite."
+                    "Use the original checkpoint, another output.store, or `overwrite`."
                 )
             return start
         if old.grid != grid:
             if not overwrite:
                 raise OutputError(f"Output store {store} was made on another grid: choose another output.store "
-                                  "or pass --overwrite.")
+                                  "or pass `overwrite`.")
             return start
         if not resume:
             if old.tiles and not overwrite:
                 raise OutputError(
                     f"Output store {store} already holds {len(old.tiles)} finished tile(s) of this run: "
-                    "pass --resume to continue it or --overwrite to start again."
+                    "pass `resume` to continue it or `overwrite` to start again."
                 )
             if overwrite:
                 return start

@@ -1,9 +1,10 @@
-"""STAC metadata for a run's outputs: one Collection, one Item per finished tile.
+"""Publishing a run: a STAC Collection with one Item per finished tile, written last.
 
-Written last, from the run manifest, and only for tiles whose files are complete (their
-size and SHA-256 are verified first): no Item ever points at a missing or partial file.
-The catalog is built in a staging folder beside ``stac/`` and swapped into place, so stale
-Items (of tiles whose files have since changed) disappear with the old catalog.
+Written from the run manifest, and only for tiles whose files are complete (their size and
+SHA-256 are verified first): no Item ever points at a missing or partial file. The catalog
+is built in a temporary folder beside ``stac/`` and swapped into place
+(:func:`clc_dask.stores.atomic_directory`), so stale Items (of tiles whose files have since
+changed) disappear with the old catalog.
 
 Items carry the projection, raster, classification and file (size, checksum) extensions,
 and provenance: the resolved config, package version, checkpoint SHA-256 and the ids of
@@ -16,7 +17,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,19 @@ from pystac.extensions.file import FileExtension
 from pystac.extensions.projection import ProjectionExtension
 from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 
+from clc_dask import __version__
 from clc_dask.classes import label_of, official_codes, rgb_of
+from clc_dask.config import RunConfig
+from clc_dask.errors import InputError
+from clc_dask.grid import TileGrid
+from clc_dask.run.context import output_settings, run_grid
+from clc_dask.run.manifest import Manifest
+from clc_dask.run.store import ITEMS_FILE, STAC_DIR, ZARR_STORE
+from clc_dask.seasons import season_window
+from clc_dask.stores import atomic_directory
 
 log = logging.getLogger(__name__)
 
-STAC_DIR = "stac"
 ASSET_TITLES = {
     "classes": "U-Net class map (CLC codes)",
     "generalized": "Class map generalized to CORINE rules (MMU, minimum width)",
@@ -158,19 +166,57 @@ def write_catalog(
                                                media_type=MEDIA_TYPES.get(Path(path).suffix), roles=["data"]))
     for item in sorted(items, key=lambda i: i.id):
         collection.add_item(item)
-    staging = store / f".{STAC_DIR}-partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    collection.normalize_hrefs(str(staging) + "/")
-    collection.make_all_asset_hrefs_relative()
-    collection.save(catalog_type=pystac.CatalogType.SELF_CONTAINED)
-    old = store / f".{STAC_DIR}-old-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(target) as staging:
+        collection.normalize_hrefs(str(staging) + "/")
+        collection.make_all_asset_hrefs_relative()
+        collection.save(catalog_type=pystac.CatalogType.SELF_CONTAINED)
     log.info("wrote STAC collection %s with %d item(s)", target / "collection.json", len(items))
     return target / "collection.json"
 
 
 def _union_bbox(boxes: Sequence[Sequence[float]]) -> list[float]:
     return [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
+
+
+def publish_run(config: RunConfig, manifest: Manifest | None = None, grid: TileGrid | None = None,
+                *, recheck: bool = True) -> Path:
+    """Write the STAC Collection and an Item per finished tile (files verified first).
+
+    Also usable on its own (``clc-dask run --publish-only``): tiles whose files are
+    missing or changed get no Item.
+
+    Args:
+        config: the run's config.
+        manifest: the run's manifest (default: read from ``output.store``).
+        grid: the run's tile grid (default: made from the config).
+        recheck: hash every file again (False: trust this process's earlier checks).
+    """
+    store = Path(config.output.store)
+    if manifest is None:
+        manifest = Manifest.read(store)
+        if manifest is None:
+            raise InputError(f"{store} holds no run manifest: nothing to publish (run it first).")
+        if manifest.run_name != config.name:
+            raise InputError(f"{store} holds run {manifest.run_name!r}, not {config.name!r}: check output.store.")
+    if grid is None:
+        grid = run_grid(config)[1]
+    start, end = season_window(config.imagery.prediction_season, config.imagery.year)
+    base = {"clc_dask:version": __version__, "clc_dask:config": output_settings(config),
+            "clc_dask:checkpoint_sha256": manifest.checkpoint_sha256,
+            "clc_dask:season": config.imagery.prediction_season, "clc_dask:items_file": ITEMS_FILE}
+    items = []
+    for name in sorted(manifest.tiles):
+        if not manifest.is_done(name, recheck=recheck):
+            continue
+        entry = manifest.tiles[name]
+        assets = {k: store / rel for k, rel in entry["assets"].items()}
+        sums = {k: (entry["files"][rel]["sha256"], entry["files"][rel]["bytes"]) for k, rel in entry["assets"].items()}
+        extra = {k: v for k, v in entry.items() if k.startswith("clc_dask:")}
+        items.append(tile_item(name, grid.tile(name).geobox, assets, run_name=config.name,
+                               level=config.classes.level, start=start, end=end,
+                               provenance={**base, **extra}, checksums=sums))
+    zarr = {"zarr": store / ZARR_STORE} if (store / ZARR_STORE).exists() else {}
+    bbox = list(grid.geobox.extent.to_crs("EPSG:4326").boundingbox)
+    return write_catalog(store, items, collection_id=config.name,
+                         description=f"CORINE Land Cover Level {config.classes.level} map made by clc-dask",
+                         bbox=bbox, start=start, end=end, properties=base, assets=zarr)

@@ -1,0 +1,159 @@
+"""Executing a run: write its files, compute its tiles batch by batch, record each finished
+tile in the manifest, and publish the STAC catalog last."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clc_dask.config import RunConfig, dump_run_config
+from clc_dask.errors import ClcDaskError
+from clc_dask.run.context import RunContext, resolve_run, select_tiles
+from clc_dask.run.plan import RunPlan, plan_run
+from clc_dask.run.publish import publish_run
+from clc_dask.run.store import (
+    CONFIG_FILE,
+    ITEMS_FILE,
+    RUN_OUTPUTS,
+    STAC_DIR,
+    store_lock,
+    write_text,
+)
+from clc_dask.run.tiles import TileFailure, TileOutput, TileProcessor
+from clc_dask.search import save_item_collection
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a run did."""
+
+    store: Path
+    computed: list[str]
+    skipped: list[str]
+    collection: Path | None
+    plan: RunPlan
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def execute_run(
+    config: RunConfig,
+    *,
+    tile_names: Sequence[str] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    client: Any = None,
+    progress: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Run (or resume) a production run: every check first, then the tiles, then STAC.
+
+    The production stage in one call: :func:`~clc_dask.run.resolve_run` (context: AOI, grid,
+    checkpoint, store state, scenes — nothing written), :func:`~clc_dask.run.plan_run`,
+    then :func:`execute`.
+
+    Args:
+        config: the validated run config (:func:`clc_dask.config.load_run_config`).
+        tile_names: only these ``row_col`` tiles (default: every tile meeting the AOI).
+        resume: continue a run whose store holds some finished tiles (they are skipped when
+            their files still match their checksums).
+        overwrite: replace the outputs of another run (or a finished run) in the store.
+        client: a distributed client (tiles of a batch run concurrently on its workers), or
+            None for dask's threaded scheduler in this process.
+        progress: called with each tile's name when it is finished or skipped.
+    """
+    ctx = resolve_run(config, tile_names=tile_names, resume=resume, overwrite=overwrite)
+    return execute(ctx, plan_run(ctx), client=client, progress=progress)
+
+
+def execute(ctx: RunContext, plan: RunPlan, *, client: Any = None,
+            progress: Callable[[str], None] | None = None) -> RunResult:
+    """Write the run's files and compute its tiles batch by batch; publish STAC last.
+
+    Raises:
+        ClcDaskError: some tiles failed (the others are recorded; fix and resume).
+        OutputError: another process holds the store.
+    """
+    with store_lock(ctx.store):
+        _start_store(ctx, plan)
+        processor = TileProcessor(ctx, client=client)
+        processor.prepare_store()
+        if (ctx.store / STAC_DIR).exists():
+            # no Item may point at a tile being rewritten
+            publish_run(ctx.config, ctx.manifest, ctx.grid, recheck=False)
+        for name in plan.skipped:
+            log.info("tile %s already finished: skipped", name)
+            if progress:
+                progress(name)
+        started = time.perf_counter()
+        computed, failed = _compute(ctx, plan, processor, progress)
+        _log_throughput(plan, computed, time.perf_counter() - started, client)
+        collection = publish_run(ctx.config, ctx.manifest, ctx.grid)
+        every_tile = select_tiles(ctx.grid, ctx.aoi, None)
+        ctx.manifest.complete = not failed and all(ctx.manifest.is_done(t.name) for t in every_tile)
+        ctx.manifest.save()
+    if failed:
+        details = "; ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
+        raise ClcDaskError(
+            f"{len(failed)} tile(s) failed ({details}). The {len(ctx.manifest.tiles)} finished tile(s) are "
+            "recorded and published: fix the cause and run again with `resume`."
+        )
+    return RunResult(ctx.store, computed, plan.skipped, collection, plan, failed)
+
+
+def _start_store(ctx: RunContext, plan: RunPlan) -> None:
+    """A fresh run clears the store's old outputs; every run (re)writes run.yaml, the scenes
+    (once) and the manifest without the tiles about to be recomputed."""
+    store, manifest = ctx.store, ctx.manifest
+    if manifest.fresh:
+        for name in RUN_OUTPUTS:
+            target = store / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    if (manifest.fresh or not (store / ITEMS_FILE).exists()) and ctx.items is not None:
+        save_item_collection(ctx.items, store / ITEMS_FILE)
+    write_text(store / CONFIG_FILE, dump_run_config(ctx.config))
+    for name in [t.name for t in plan.tiles if t.name in manifest.tiles]:
+        manifest.forget(name)  # recorded, but its files changed: recomputed below
+    manifest.save()
+
+
+def _compute(ctx: RunContext, plan: RunPlan, processor: TileProcessor,
+             progress: Callable[[str], None] | None) -> tuple[list[str], dict[str, str]]:
+    computed: list[str] = []
+    failed: dict[str, str] = {}
+    for number, batch in enumerate(plan.batches, start=1):
+        log.info("batch %d/%d: tiles %s", number, len(plan.batches), ", ".join(t.name for t in batch))
+        for out in processor.process_batch(batch):
+            if isinstance(out, TileFailure):
+                failed[out.tile.name] = f"{type(out.error).__name__}: {out.error}"
+                log.error("tile %s failed: %s", out.tile.name, failed[out.tile.name])
+                continue
+            assert isinstance(out, TileOutput)
+            ctx.manifest.record(out.tile.name, out.files, out.extra, out.extra_files)
+            computed.append(out.tile.name)
+            log.info("tile %s finished (%d/%d)", out.tile.name, len(computed), len(plan.tiles))
+            if progress:
+                progress(out.tile.name)
+        if failed:
+            break
+    return computed, failed
+
+
+def _log_throughput(plan: RunPlan, computed: Sequence[str], seconds: float, client: Any) -> None:
+    """Log the measured class-map pixels per second and worker (for the dry run's
+    ``px_per_second``)."""
+    if not computed or seconds <= 0:
+        return
+    workers = len(client.scheduler_info().get("workers", {})) if client is not None else 1
+    pixels = sum(plan.estimates[name].pixels_predicted for name in computed)
+    log.info("computed %d tile(s) (%.3g px) in %.1f s on %d worker(s): %.3g px/s per worker "
+             "(px_per_second of the dry run)", len(computed), pixels, seconds, max(workers, 1),
+             pixels / seconds / max(workers, 1))

@@ -1,0 +1,103 @@
+"""Where a tile's arrays lie: the loaded area, the no-data padding that puts the inference
+windows on the run grid's window grid, the predicted region and the tile inside it."""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from odc.geo.geobox import GeoBox
+
+from clc_dask.config import RunConfig
+from clc_dask.grid import Tile
+from clc_dask.predict import WindowGrid
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where a tile's arrays lie, in pixels relative to the tile's top-left corner.
+
+    The mosaic is padded with no data so that its top-left corner lies on the *run grid's*
+    window grid: :func:`clc_dask.predict.predict` anchors its windows at the array origin,
+    so every pixel is predicted by the same window, with the same context, as it would be
+    in one prediction over the whole grid — neighbouring tiles meet without seams.
+
+    Attributes:
+        tile: the tile.
+        margin: predicted surroundings generalized with the tile (px, whole windows).
+        context: real imagery loaded around the margin for the network (px).
+        before: (y, x) no-data-padded context before the margin, putting the array origin
+            on the run grid's window grid (px, ≥ ``context``).
+        after: context after the margin (px, ≥ ``context``).
+        chunk: dask chunk edge inside the tile (px).
+    """
+
+    tile: Tile
+    margin: int
+    context: int
+    before: tuple[int, int]
+    after: int
+    chunk: int
+
+    @classmethod
+    def for_tile(cls, tile: Tile, config: RunConfig) -> TileLayout:
+        """The layout of ``tile`` under the config's window, halo, margin and chunk size."""
+        windows = window_grid(config.model.window, config.model.halo)
+        window = windows.window
+        margin = math.ceil(config.generalize.tile_margin_px / window) * window if config.generalize.enabled else 0
+        context = max(windows.before, windows.after)
+        starts = (tile.pixel_slices[0].start - margin, tile.pixel_slices[1].start - margin)
+        before = tuple(context + (s - context) % window for s in starts)
+        after = math.ceil(context / window) * window
+        return cls(tile, margin, context, (int(before[0]), int(before[1])), after, config.grid.chunk_size)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the tile."""
+        return (self.tile.geobox.shape.y, self.tile.geobox.shape.x)
+
+    @property
+    def load_geobox(self) -> GeoBox:
+        """The grid the scenes are loaded on: tile + margin + context on every side."""
+        return self.tile.geobox.pad(self.margin + self.context)
+
+    @property
+    def region_geobox(self) -> GeoBox:
+        """Tile + margin: what is predicted and generalized."""
+        return self.tile.geobox.pad(self.margin) if self.margin else self.tile.geobox
+
+    @property
+    def array_geobox(self) -> GeoBox:
+        """The inference array: region + no-data-padded context (origin on the window grid)."""
+        pad = self.margin + max(*self.before, self.after)
+        big = self.tile.geobox.pad(pad)
+        (ny, nx), m = self.shape, self.margin
+        by, bx = self.before
+        return big[pad - m - by: pad + ny + m + self.after, pad - m - bx: pad + nx + m + self.after]
+
+    @property
+    def crop(self) -> tuple[slice, slice]:
+        """The tile inside the region (tile + margin)."""
+        (ny, nx), m = self.shape, self.margin
+        return slice(m, m + ny), slice(m, m + nx)
+
+    def array_chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Chunks of the inference array: padding, margin, tile chunks, margin, padding."""
+        out = []
+        for axis, n in enumerate(self.shape):
+            inner = [self.chunk] * (n // self.chunk) + ([n % self.chunk] if n % self.chunk else [])
+            sizes = [self.before[axis], self.margin, *inner, self.margin, self.after]
+            out.append(tuple(s for s in sizes if s))
+        return out[0], out[1]
+
+    def load_pixels(self) -> int:
+        """Pixels of the loaded grid (tile + margin + context)."""
+        gb = self.load_geobox
+        return gb.shape.y * gb.shape.x
+
+
+@functools.lru_cache(maxsize=8)
+def window_grid(window: int, halo: int) -> WindowGrid:
+    """The inference window grid of a run (checked, and warned about, once per process)."""
+    return WindowGrid.from_options(window, halo)
