@@ -99,3 +99,12 @@ def test_negative_warp_tolerance_is_refused(twm_items, whole):
     gbox, _ = whole
     with pytest.raises(ConfigError, match="`warp_tolerance` must be 0 .* not -1"):
         _load(twm_items, gbox, warp_tolerance=-1)
+
+
+def test_gdal_cache_is_cleared_for_remote_urls_only():
+    from clc_dask.gdalenv import _vsi_path, clear_cached_url
+
+    assert _vsi_path("https://bucket.example/B04.tif?sig=x") == "/vsicurl/https://bucket.example/B04.tif?sig=x"
+    assert _vsi_path("s3://bucket/B04.tif") == "/vsis3/bucket/B04.tif"
+    assert clear_cached_url("https://bucket.example/B04.tif") is True
+    assert clear_cached_url("/data/B04.tif") is False  # GDAL caches nothing for local files

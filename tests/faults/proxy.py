@@ -16,7 +16,8 @@ Whether a request gets a fault is decided from the seed, the request (upstream, 
 path, ``Range``, a digest of its body) and how many times that same request was seen before,
 so a run injects the same faults whichever thread sends which request first; a retried
 request draws again. Every injected fault is counted per kind (:attr:`FaultProxy.injected`)
-and every request is recorded (:attr:`FaultProxy.records`), so a test can check that faults
+and every request is recorded (:attr:`FaultProxy.records`, in the order answered; ``seq``
+is the order of arrival), so a test can check that faults
 did happen and that retries reached the server.
 
 Upstream URLs in text answers (JSON, HTML, XML) and ``Location`` headers are rewritten to
@@ -55,12 +56,14 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade"})
 _TEXT_TYPES = ("json", "html", "xml", "text/")
 _UPSTREAM_TIMEOUT = 30.0  # seconds
+_POLL_SECONDS = 0.05  # how often a server checks whether it should stop
 
 
 @dataclass(frozen=True)
 class Record:
     """One request the proxy received and what it did with it."""
 
+    seq: int  # arrival order at the proxy (0, 1, …)
     upstream: str  # name of the upstream server
     method: str
     path: str  # path and query
@@ -101,6 +104,7 @@ class FaultProxy:
         self.injected: Counter[str] = Counter()
         self.records: list[Record] = []
         self._seen: Counter[tuple[str, ...]] = Counter()
+        self._arrivals = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._servers: dict[str, _ProxyServer] = {}
@@ -111,8 +115,8 @@ class FaultProxy:
         """Listen on a free loopback port per upstream (threads serve the requests)."""
         for name in self.upstreams:
             server = _ProxyServer((self.host, 0), _ProxyHandler, self, name)
-            thread = threading.Thread(target=server.serve_forever, name=f"fault-proxy-{name}",
-                                      daemon=True)
+            thread = threading.Thread(target=server.serve_forever, args=(_POLL_SECONDS,),
+                                      name=f"fault-proxy-{name}", daemon=True)
             thread.start()
             self._servers[name] = server
             self._threads.append(thread)
@@ -147,8 +151,9 @@ class FaultProxy:
     def requests_for(self, path_end: str, upstream: str | None = None) -> list[Record]:
         """The recorded requests whose path (without query) ends with ``path_end``."""
         with self._lock:
-            return [r for r in self.records if r.path.split("?", 1)[0].endswith(path_end)
-                    and (upstream is None or r.upstream == upstream)]
+            found = [r for r in self.records if r.path.split("?", 1)[0].endswith(path_end)
+                     and (upstream is None or r.upstream == upstream)]
+        return sorted(found, key=lambda r: r.seq)
 
     # --- used by the handler ----------------------------------------------------------------
     def draw(self, name: str, method: str, path: str, range_: str | None, body: bytes) -> str | None:
@@ -165,6 +170,12 @@ class FaultProxy:
             if u < 0:
                 return kind
         return None
+
+    def arrival(self) -> int:
+        """The arrival number of a new request."""
+        with self._lock:
+            self._arrivals += 1
+            return self._arrivals - 1
 
     def record(self, record: Record) -> None:
         with self._lock:
@@ -235,29 +246,30 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         proxy, name = self.server.proxy, self.server.upstream_name
+        seq = proxy.arrival()
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         range_ = self.headers.get("Range")
         fault = proxy.draw(name, self.command, self.path, range_, body)
         if fault == "short" and self.command == "HEAD":
             fault = None  # no body to cut short
-        if fault in ("429", "500", "503"):
-            self._send_status(int(fault))
-        elif fault == "reset":
-            self._reset()
-        else:
-            if fault == "slow":
-                proxy.wait_slow()
-            try:
-                answer = self._forward(proxy.upstreams[name], body)
-            except OSError as exc:
-                self._send_status(502, f"upstream {name} failed: {exc}")
-                proxy.record(Record(name, self.command, self.path, range_, fault))
-                return
-            if fault == "short" and len(answer.body) < 2:
-                fault = None
-            self._send_answer(answer, short=fault == "short")
-        proxy.record(Record(name, self.command, self.path, range_, fault))
+        if fault in ("429", "500", "503", "reset"):
+            proxy.record(Record(seq, name, self.command, self.path, range_, fault))
+            self._reset() if fault == "reset" else self._send_status(int(fault))  # type: ignore[arg-type]
+            return
+        if fault == "slow":
+            proxy.wait_slow()
+        try:
+            answer = self._forward(proxy.upstreams[name], body)
+        except OSError as exc:
+            proxy.record(Record(seq, name, self.command, self.path, range_, fault))
+            self._send_status(502, f"upstream {name} failed: {exc}")
+            return
+        if fault == "short" and len(answer.body) < 2:
+            fault = None
+        # recorded before answering: a client that has its answer finds it counted
+        proxy.record(Record(seq, name, self.command, self.path, range_, fault))
+        self._send_answer(answer, short=fault == "short")
 
     def _forward(self, base: str, body: bytes) -> _Answer:
         proxy = self.server.proxy
