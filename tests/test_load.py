@@ -108,3 +108,17 @@ def test_gdal_cache_is_cleared_for_remote_urls_only():
     assert _vsi_path("s3://bucket/B04.tif") == "/vsis3/bucket/B04.tif"
     assert clear_cached_url("https://bucket.example/B04.tif") is True
     assert clear_cached_url("/data/B04.tif") is False  # GDAL caches nothing for local files
+
+
+def test_reader_settings_survive_pickling():
+    """Readers travel to Dask workers: retries and the warp tolerance go with them."""
+    import pickle
+
+    from clc_dask.load import RetryingReader
+
+    reader = RetryingReader(url="https://bucket.example/B04.tif", spec=None, resampling=None,
+                            dtype=np.dtype("uint16"), fill_value=0, scale_offset=(1, 0),
+                            gdal_env=None, retries=4, retry_delay=0.5, warp_tolerance=0.125)
+    copy = pickle.loads(pickle.dumps(reader))
+    assert (copy.url, copy.retries, copy.retry_delay, copy.warp_tolerance) == (
+        "https://bucket.example/B04.tif", 4, 0.5, 0.125)
