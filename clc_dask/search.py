@@ -12,8 +12,8 @@ A *source* is one of
 Cloud cover is filtered on the server where the API conforms to ``query`` or ``filter``
 (CQL2) and always again on the client: servers that do not conform (rustac's memory
 backend, for one) silently return unfiltered items. Every page is followed; HTTP 429 and
-5xx are retried with exponential backoff honouring ``Retry-After``; every request has a
-timeout. Relative asset hrefs are made absolute, so results can be saved and reused offline.
+5xx, connection errors and answers cut short are retried with exponential backoff honouring
+``Retry-After``; every request has a timeout. Relative asset hrefs are made absolute, so results can be saved and reused offline.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from clc_dask.errors import ReadError, SearchError
 from clc_dask.load import load_scenes
 from clc_dask.mosaic import composite_bands, seasonal_mosaic, write_mosaic
 from clc_dask.search import search_items
-from faults.proxy import FAULT_KINDS, FaultProxy, proxied_demo
+from faults.proxy import FAULT_KINDS, FaultProxy
 
 SEASON = "july"
 COMPOSITE = "nrg"
@@ -87,9 +87,9 @@ def _assert_retried_to_the_server(proxy, kind):
 
 
 def test_mosaic_under_throttling_server_errors_and_short_bodies_equals_the_clean_one(
-        demo_region, demo_servers, clean_mosaic, tmp_path):
+        faulty_demo, demo_region, clean_mosaic, tmp_path):
     rates = {"429": 0.05, "503": 0.05, "short": 0.02}
-    with proxied_demo(demo_servers, rates, seed=2, slow_seconds=SLOW_SECONDS) as demo:
+    with faulty_demo(rates, seed=2, slow_seconds=SLOW_SECONDS) as demo:
         items = _search(demo, demo_region, **FAST_STAC)
         assert all(i.assets["red"].href.startswith(demo.data_url) for i in items)
         paths = _write_mosaic(items, demo_region, tmp_path / "m.tif")
@@ -103,9 +103,9 @@ def test_mosaic_under_throttling_server_errors_and_short_bodies_equals_the_clean
 
 
 def test_mosaic_under_resets_and_slow_answers_equals_the_clean_one(
-        demo_region, demo_servers, clean_mosaic, tmp_path):
+        faulty_demo, demo_region, clean_mosaic, tmp_path):
     rates = {"reset": 0.05, "slow": 0.03}
-    with proxied_demo(demo_servers, rates, seed=0, slow_seconds=SLOW_SECONDS) as demo:
+    with faulty_demo(rates, seed=0, slow_seconds=SLOW_SECONDS) as demo:
         items = _search(demo, demo_region, **FAST_STAC)
         paths = _write_mosaic(items, demo_region, tmp_path / "m.tif")
         counts = demo.proxy.counts()
@@ -117,12 +117,12 @@ def test_mosaic_under_resets_and_slow_answers_equals_the_clean_one(
         np.testing.assert_array_equal(pixels[name], expected, err_msg=name)
 
 
-def test_search_under_every_fault_returns_the_clean_items(demo_region, demo_servers):
+def test_search_under_every_fault_returns_the_clean_items(faulty_demo, demo_region, demo_servers):
     """One item per page, so that every page (a POST with a paging token) can be faulted."""
     seasons = ("april", "july", "september")
     clean = {s: [i.id for i in _search(demo_servers, demo_region, s)] for s in seasons}
     rates = dict.fromkeys(FAULT_KINDS, 0.08)
-    with proxied_demo(demo_servers, rates, seed=4, faulty=("stac",),
+    with faulty_demo(rates, seed=4, faulty=("stac",),
                       slow_seconds=SLOW_SECONDS) as demo:
         for season in seasons:
             found = _search(demo, demo_region, season, limit=1, **FAST_STAC)
@@ -133,11 +133,11 @@ def test_search_under_every_fault_returns_the_clean_items(demo_region, demo_serv
 
 
 def test_exhausted_read_retries_name_the_asset_and_cause_and_write_nothing(
-        demo_region, demo_servers, tmp_path, caplog):
+        faulty_demo, demo_region, tmp_path, caplog):
     """Every body cut short: each retry re-opens the asset and really reaches the server (GDAL's
     cache for the URL is cleared), then a ReadError names the asset without its query string."""
     out = tmp_path / "out" / "m.tif"
-    with proxied_demo(demo_servers, {"short": 1.0}, faulty=("data",)) as demo:
+    with faulty_demo({"short": 1.0}, faulty=("data",)) as demo:
         items = _search(demo, demo_region, **FAST_STAC)[:1]
         for asset in items[0].assets.values():
             asset.href += "?sig=SECRET-TOKEN"  # as a signed URL: its query is a credential
@@ -157,8 +157,8 @@ def test_exhausted_read_retries_name_the_asset_and_cause_and_write_nothing(
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
-def test_exhausted_stac_retries_name_the_url_and_cause(demo_region, demo_servers):
-    with proxied_demo(demo_servers, {"short": 1.0}, faulty=("stac",)) as demo:
+def test_exhausted_stac_retries_name_the_url_and_cause(faulty_demo, demo_region):
+    with faulty_demo({"short": 1.0}, faulty=("stac",)) as demo:
         with pytest.raises(SearchError, match=r"Cannot open the STAC API at http://127\.0\.0\.1:\d+: "
                                               r"the answer of http://127\.0\.0\.1:\d+ was cut short "
                                               r"after 3 attempts: .*IncompleteRead"):
@@ -172,8 +172,8 @@ def _get(url, headers=None):
         return resp.status, dict(resp.headers), resp.read()
 
 
-def test_the_proxy_forwards_and_rewrites_upstream_urls(demo_servers):
-    with proxied_demo(demo_servers) as demo:
+def test_the_proxy_forwards_and_rewrites_upstream_urls(faulty_demo, demo_servers):
+    with faulty_demo() as demo:
         _, _, body = _get(f"{demo.stac_url}/search?collections={demo.collection_id}&limit=50")
         item = json.loads(body)["features"][0]
         assert item["assets"]["red"]["href"].startswith(demo.data_url + "/")
