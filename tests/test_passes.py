@@ -3,17 +3,25 @@ two UTM zones) merge before the median, and ``clear_count`` counts passes, not g
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import warnings
 
 import dask.array as da
 import numpy as np
 import pystac
+import pytest
+import rasterio
+import shapely
+import shapely.geometry
 import xarray as xr
 from odc.geo.geobox import GeoBox
 from odc.geo.geom import box
 from odc.geo.xr import xr_coords
 
+from clc_dask.demo import DemoRegion
+from clc_dask.errors import ConfigError, OutputError
 from clc_dask.grid import geobox_for_aoi
 from clc_dask.load import load_scenes
 from clc_dask.mosaic import MASKED_SCL_CLASSES, satellite_passes, seasonal_mosaic, solar_day
@@ -229,3 +237,124 @@ def test_side_by_side_earth_search_granules_are_one_pass(shared_data):
     assert len(set(scenes["time"].values)) == 5 and set(scenes["platform"].values) == {"sentinel-2b"}
     (members,) = satellite_passes(scenes)
     assert [str(scenes["id"].values[t]) for t in members] == sorted(i.id for i in items)
+
+
+# --------------------------------------------------------------------------- two-zone demo
+TWO_ZONE_SIZE = 256  # px at 10 m: 2.56 km, the smallest demo region
+
+
+@pytest.fixture(scope="module")
+def two_zone(tmp_path_factory):
+    """A two-zone demo region (256 px, seed 0), served on loopback for this module."""
+    from clc_dask.demo import build_region, serve_region
+
+    region = build_region(tmp_path_factory.mktemp("two-zone"), size=TWO_ZONE_SIZE, seed=0, two_zone=True)
+    with serve_region(region) as servers:
+        yield region, servers
+
+
+def _footprint(scene):
+    return shapely.geometry.shape(json.loads(scene.item_path.read_text())["geometry"])
+
+
+def test_two_zone_region_has_overlapping_granules_in_two_utm_zones(two_zone):
+    region, _ = two_zone
+    assert region.two_zone and region.crs == "EPSG:3035" and region.geobox.shape == (256, 256)
+    west, south, east, north = region.bbox_lonlat
+    assert west < 12.0 < east and 43.0 < south < north < 43.2  # across the zone border at 12° E
+    assert DemoRegion.load(region.workdir) == region
+    assert len(region.scenes) == 24  # 4 passes per season, each as two granules
+    by_pass = {}
+    for scene in region.scenes:
+        by_pass.setdefault((scene.platform, scene.datetime[:10]), []).append(scene)
+    assert len(by_pass) == 12 and all(len(g) == 2 for g in by_pass.values())
+    area = shapely.geometry.shape(region.geobox.extent.to_crs("EPSG:4326").json)
+    covered = []
+    for (platform, _day), (west_granule, east_granule) in by_pass.items():
+        assert (west_granule.epsg, east_granule.epsg) == (32632, 32633)
+        assert (west_granule.mgrs_tile, east_granule.mgrs_tile) == ("32TQN", "33TTH")
+        items = [json.loads(s.item_path.read_text()) for s in (west_granule, east_granule)]
+        for scene, item in zip((west_granule, east_granule), items, strict=True):
+            assert item["properties"]["proj:epsg"] == scene.epsg
+            assert item["properties"]["proj:code"] == f"EPSG:{scene.epsg}"
+            assert item["properties"]["grid:code"] == f"MGRS-{scene.mgrs_tile}"
+            assert item["properties"]["platform"] == platform
+            with rasterio.open(scene.assets["red"]) as red, rasterio.open(scene.assets["scl"]) as scl:
+                assert red.crs.to_epsg() == scl.crs.to_epsg() == scene.epsg
+                assert list(red.transform)[:6] == item["assets"]["red"]["proj:transform"]
+                assert [red.height, red.width] == item["assets"]["red"]["proj:shape"]
+                assert (scl.res, red.res) == ((20.0, 20.0), (10.0, 10.0))
+        # one pass: one datatake, sensed seconds apart
+        assert len({i["properties"]["s2:datatake_id"] for i in items}) == 1
+        times = [np.datetime64(i["properties"]["datetime"].rstrip("Z")) for i in items]
+        assert 0 < abs(times[0] - times[1]) < np.timedelta64(2, "s")
+        # each granule reaches past 12° E into the other zone; they overlap in the middle third
+        a, b = _footprint(west_granule), _footprint(east_granule)
+        assert a.bounds[2] > 12.0 > b.bounds[0]
+        assert 0.25 < a.intersection(b).area / area.area < 0.4
+        covered.append(a.union(b).intersection(area).area / area.area)
+    # together they cover the region, except where a pass's swath ends (one pass per season)
+    assert sorted(covered)[3] > 0.999 and min(covered) > 0.5
+
+
+def test_two_zone_mosaic_on_the_3035_grid_counts_passes(two_zone):
+    """Through the loopback STAC API and COG server, on the region's EPSG:3035 grid: eight
+    granules in four passes per season; the mosaic is the median of the per-pass
+    observations, every pixel has a clear pass, and neither the order of the items nor the
+    chunks change a pixel."""
+    from clc_dask.search import search_items
+
+    region, servers = two_zone
+    items = search_items(servers.stac_url, bbox=region.bbox_lonlat, season="july", years=[region.year],
+                         collection=servers.collection_id)
+    assert len(items) == 8
+    bands = ("B08", "B04", "B03")
+    scenes = load_scenes(items, region.geobox, bands=bands, chunksize=128)
+    assert scenes.odc.geobox == region.geobox
+    assert sorted(set(scenes["granule_epsg"].values)) == [32632, 32633]
+    passes = satellite_passes(scenes)
+    ids = scenes["id"].values
+    assert len(passes) == 4 and all(len(p) == 2 for p in passes)
+    for members in passes:  # the two granules of one date, zone 32 first (id order off-grid)
+        assert [str(ids[t])[4:9] for t in members] == ["32TQN", "33TTH"]
+        assert len({str(ids[t])[10:18] for t in members}) == 1
+    loaded = scenes.compute()
+    result = seasonal_mosaic(scenes, "nrg")
+    expected, expected_count = _per_pass_reference(loaded, passes)
+    count = result["clear_count"].values
+    np.testing.assert_array_equal(count, expected_count)
+    np.testing.assert_array_equal(result["reflectance"].values, expected)
+    assert count.min() >= 1 and count.max() <= 4
+    # granules double-count only where both zones see the region (its middle third)
+    clear = ~np.isin(loaded.sel(band="SCL").values, MASKED_SCL_CLASSES)
+    doubled = clear.sum(axis=0) - count
+    columns = np.flatnonzero(doubled.any(axis=0))
+    assert doubled.sum() > 1000 and 0.2 < columns.min() / 256 and columns.max() / 256 < 0.8
+    # the catalog's order and the chunking change nothing
+    shuffled = [items[i] for i in np.random.default_rng(1).permutation(len(items))]
+    again = seasonal_mosaic(load_scenes(shuffled, region.geobox, bands=bands, chunksize=256), "nrg")
+    np.testing.assert_array_equal(again["reflectance"].values, result["reflectance"].values)
+    np.testing.assert_array_equal(again["clear_count"].values, count)
+
+
+def test_two_zone_demo_command_and_reuse(two_zone, tmp_path, monkeypatch, capsys):
+    from clc_dask.cli import main
+    from clc_dask.demo import build_region
+
+    region, _ = two_zone
+    monkeypatch.setattr(sys, "argv", ["clc-dask", "demo", "--workdir", str(region.workdir), "--size",
+                                      str(TWO_ZONE_SIZE), "--two-zone", "--until", "search"])
+    with pytest.raises(SystemExit) as done:
+        main()
+        raise SystemExit(0)
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert "Region reused" in out and "24 scenes" in out
+    assert "Two UTM zones: region grid EPSG:3035, granules in EPSG:32632 and EPSG:32633" in out
+    assert "found 24 items" in out
+    # the one-zone region is another region: not silently swapped in the same workdir
+    with pytest.raises(OutputError, match=r"across UTM zones 32/33 \(--two-zone\)"):
+        build_region(region.workdir, size=TWO_ZONE_SIZE, seed=0)
+    with pytest.raises(ConfigError, match="two_zone must be True or False"):
+        build_region(tmp_path / "w", size=TWO_ZONE_SIZE, two_zone="yes")
+    assert not (tmp_path / "w").exists()
