@@ -329,17 +329,23 @@ def merge_passes(
 def _median_block(refl: np.ndarray, scl: np.ndarray, offsets: np.ndarray, classes: np.ndarray,
                   passes: Sequence[Pass]) -> np.ndarray:
     clear = clear_mask(scl[:, 0], classes)
+    single = all(len(members) == 1 for members in passes)  # nothing to merge (the median ignores order)
     no_offset = np.zeros(len(passes), dtype=np.uint16)
     out = np.empty(refl.shape[1:], dtype=np.uint16)
     for j in range(refl.shape[1]):
-        merged, valid = merge_passes(refl[:, j], clear, offsets, passes)
-        out[j] = median_of_clear(merged, valid, no_offset)
+        if single:
+            out[j] = median_of_clear(refl[:, j], clear, offsets)
+        else:
+            merged, valid = merge_passes(refl[:, j], clear, offsets, passes)
+            out[j] = median_of_clear(merged, valid, no_offset)
     return out
 
 
 def _clear_count_block(scl: np.ndarray, classes: np.ndarray, dtype: np.dtype,
                        passes: Sequence[Pass]) -> np.ndarray:
     clear = clear_mask(scl[:, 0], classes)
+    if all(len(members) == 1 for members in passes):
+        return clear.sum(axis=0, dtype=dtype)
     count = np.zeros(clear.shape[1:], dtype=dtype)
     for members in passes:
         count += clear[list(members)].any(axis=0)

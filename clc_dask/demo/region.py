@@ -302,8 +302,8 @@ def build_region(
             an :class:`OutputError`). A region with the same parameters is always reused.
         two_zone: build the region across the UTM zone border at 12° E instead: its grid is
             EPSG:3035 and every pass comes as two overlapping granules, one in EPSG:32632
-            (MGRS 32TQN) and one in EPSG:32633 (33TTH), as real Sentinel-2 there. Twice as
-            many items; the scenes take about 1.5 times as long to write.
+            (MGRS 32TQN) and one in EPSG:32633 (33TTH), as real Sentinel-2 there: twice as
+            many items, each covering about two thirds of the region.
 
     The region is written into a hidden ``.region.partial-*`` folder inside ``workdir``,
     moved into place when complete, and marked complete by writing ``region.json`` last.
