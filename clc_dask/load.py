@@ -15,12 +15,16 @@ A thin, opinionated wrapper around :func:`stackstac.stack`:
 * a reader that retries transient read errors (after clearing GDAL's cache for the URL) and
   otherwise raises :class:`ReadError` naming the asset (URL without its query string) and
   the reason. Unlike stackstac's default, HTTP 404 is an error too: an asset the catalog
-  lists but the server lacks is broken input, not "no data".
+  lists but the server lacks is broken input, not "no data";
+* each time step is one granule (item); the coordinates along time (:data:`PASS_COORDS`)
+  say which satellite pass it belongs to, so that :func:`clc_dask.mosaic.seasonal_mosaic`
+  can merge overlapping granules of one pass (neighbouring MGRS tiles, UTM zones).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -71,6 +75,19 @@ TRANSIENT_ERRORS: tuple[str, ...] = (
     r"Empty reply",
 )
 _TRANSIENT = re.compile("|".join(TRANSIENT_ERRORS), re.IGNORECASE)
+
+#: Property set on the items handed to stackstac: the longitude (degrees east) of the centre
+#: of the item's bbox, NaN when unknown (no bbox, or one spanning more than 180°).
+CENTRE_LON_PROPERTY = "clc_dask:centre_lon"
+#: Coordinates along time that identify a granule's satellite pass, read from item
+#: properties: coordinate name → (property, value when the item lacks it).
+PASS_COORDS: dict[str, tuple[str, object]] = {
+    "platform": ("platform", ""),
+    "datatake_id": ("s2:datatake_id", ""),
+    "absolute_orbit": ("sat:absolute_orbit", -1),
+    "granule_epsg": ("proj:epsg", 0),
+    "centre_lon": (CENTRE_LON_PROPERTY, math.nan),
+}
 
 
 class RetryingReader(AutoParallelRioReader):
@@ -258,9 +275,11 @@ def load_scenes(
         chunksize: the former name of ``chunk_size`` (still accepted).
 
     Returns:
-        DataArray with dims ``(time, band, y, x)``, dtype uint16 (0 = no data), band names
-        ``bands + ["SCL"]``, coordinates ``id`` and ``boa_offset`` (DN per date) along time,
-        and the grid's CRS (``.odc.geobox`` equals the requested grid).
+        DataArray with dims ``(time, band, y, x)`` (one time step per item), dtype uint16
+        (0 = no data), band names ``bands + ["SCL"]``, the grid's CRS (``.odc.geobox``
+        equals the requested grid) and coordinates along time: ``id``, ``boa_offset`` (DN)
+        and the pass coordinates of :data:`PASS_COORDS` (``platform``, ``datatake_id``,
+        ``absolute_orbit``, ``granule_epsg``, ``centre_lon`` in degrees east).
 
     Raises:
         InputError: no items, missing assets, or no item overlapping the grid.
@@ -286,7 +305,7 @@ def load_scenes(
     left, bottom, right, top = gbox.boundingbox
     try:
         stack = stackstac.stack(
-            [item.to_dict(transform_hrefs=False) for item in normalized],
+            [_with_centre_lon(item.to_dict(transform_hrefs=False)) for item in normalized],
             assets=assets,
             epsg=epsg_code,
             resolution=abs(gbox.resolution.x),
@@ -299,7 +318,7 @@ def load_scenes(
             rescale=False,
             sortby_date="asc",
             xy_coords="center",
-            properties=[OFFSET_PROPERTY, "eo:cloud_cover"],
+            properties=[OFFSET_PROPERTY, "eo:cloud_cover", *(p for p, _ in PASS_COORDS.values())],
             band_coords=False,
             gdal_env=env,
             errors_as_nodata=(),
@@ -323,9 +342,10 @@ def load_scenes(
                               (stack.sizes["time"],)).copy()
     if list(stack["band"].values) != assets:
         stack = stack.sel(band=assets)
+    passes = {name: ("time", _along_time(stack, prop, fill)) for name, (prop, fill) in PASS_COORDS.items()}
     drop = [c for c in stack.coords if c not in ("time", "band", "id")]
     stack = stack.drop_vars(drop)
-    stack = stack.assign_coords(boa_offset=("time", offsets), **xr_coords(gbox))
+    stack = stack.assign_coords(boa_offset=("time", offsets), **passes, **xr_coords(gbox))
     stack.name = "scenes"
     stack.attrs = {"nodata": 0, "units": "DN (reflectance × 10000, before harmonisation)"}
     log.info(
@@ -334,6 +354,34 @@ def load_scenes(
         epsg_code, stack.data.npartitions,
     )
     return stack
+
+
+def _with_centre_lon(item: dict[str, Any]) -> dict[str, Any]:
+    """The item dict with :data:`CENTRE_LON_PROPERTY` set from its bbox (antimeridian-aware)."""
+    bbox = item.get("bbox") or []
+    lon = math.nan
+    if len(bbox) >= 4:
+        west, east = float(bbox[0]), float(bbox[len(bbox) // 2])
+        width = east - west if east >= west else east - west + 360.0  # crossing the antimeridian
+        if width <= 180.0:
+            lon = (west + width / 2.0 + 180.0) % 360.0 - 180.0
+    item["properties"] = {**item["properties"], CENTRE_LON_PROPERTY: lon}
+    return item
+
+
+def _along_time(stack: xr.DataArray, prop: str, fill: object) -> np.ndarray:
+    """Property ``prop`` of every time step (stackstac makes a property with one value for
+    all items a scalar), ``fill`` where an item lacks it or has a value of another type."""
+    values = stack[prop].values if prop in stack.coords else None
+    values = np.broadcast_to(np.asarray(values, dtype=object), (stack.sizes["time"],))
+    kind = type(fill)
+    out = []
+    for value in values:
+        try:
+            out.append(fill if value is None else kind(value))
+        except (TypeError, ValueError):
+            out.append(fill)
+    return np.asarray(out, dtype=str if kind is str else kind)
 
 
 def _grid(

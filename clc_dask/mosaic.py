@@ -1,13 +1,19 @@
-"""Seasonal cloud-free mosaics: SCL-masked, harmonised, per-pixel median over time.
+"""Seasonal cloud-free mosaics: SCL-masked, harmonised, per-pixel median over satellite passes.
 
-For each pixel and band the mosaic is the median of the *clear* observations of the
-season: dates whose SCL class is not no-data (0), saturated/defective (1), cloud shadow
+Overlapping granules of one satellite pass (neighbouring MGRS tiles, tiles of two UTM
+zones) are one observation, not several: they are first merged per pass (see
+:func:`satellite_passes`): per pixel and band the pass shows its first granule that is
+clear there and has data, in a fixed order (granules in the grid's CRS first, then by item
+id), never in the catalog's order.
+
+For each pixel and band the mosaic is then the median of the *clear* observations of the
+season: passes whose SCL class is not no-data (0), saturated/defective (1), cloud shadow
 (3), medium/high-probability cloud (8, 9), thin cirrus (10) — and snow (11) if asked —
-and whose DN is not 0. Each date's harmonisation offset (``boa_offset``, 1000 DN for
+and whose DN is not 0. Each granule's harmonisation offset (``boa_offset``, 1000 DN for
 baseline ≥ 04.00 scenes still holding it) is subtracted first, so every scene means
 reflectance = DN / 10000. Values stay uint16 throughout (never float64): the median is
-computed by sorting DN within each block. An even number of clear dates gives the mean of
-the two middle values, rounded half up. Pixels without any clear date are 0 (no data).
+computed by sorting DN within each block. An even number of clear passes gives the mean of
+the two middle values, rounded half up. Pixels without any clear pass are 0 (no data).
 
 Everything is lazy until :func:`write_mosaic` (COG or Zarr, written atomically).
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +33,8 @@ import pystac
 import xarray as xr
 from odc.geo.geobox import GeoBox
 from odc.geo.geom import Geometry
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
 
 from clc_dask.errors import ConfigError, InputError, OutputError
 from clc_dask.grid import resolve_grid
@@ -46,6 +55,13 @@ MASKED_SCL_CLASSES: tuple[int, ...] = (0, 1, 3, 8, 9, 10)
 SNOW_SCL_CLASS = 11
 NODATA = 0
 _INVALID = np.iinfo(np.uint16).max  # sorts after every valid DN
+_SECONDS_PER_DAY = 86_400
+_SECONDS_PER_DEGREE = 240  # local mean solar time: 24 h per 360° of longitude
+#: Sentinel-2 datatake ids, e.g. ``GS2B_20230810T100609_033589_N05.09``: platform letter,
+#: datatake start and absolute orbit.
+_DATATAKE = re.compile(r"^GS2([A-Z])_\d{8}T\d{6}_(\d{6})(_|$)")
+#: One satellite pass: time indices of its granules, in merge order (the first wins).
+Pass = tuple[int, ...]
 
 
 def masked_classes(mask_snow: bool = False) -> tuple[int, ...]:
@@ -167,11 +183,13 @@ def _scenes(source: str | os.PathLike[str] | None, items: Sequence[pystac.Item] 
 def seasonal_mosaic(
     scenes: xr.DataArray, composite: Composite = "nrg", mask_snow: bool = False
 ) -> xr.Dataset:
-    """The median of clear, harmonised observations per pixel, lazily.
+    """The median of clear, harmonised observations per pixel, one per satellite pass, lazily.
 
     Args:
-        scenes: ``(time, band, y, x)`` uint16 from :func:`clc_dask.load.load_scenes`, with
-            the composite's bands and ``SCL``, and a ``boa_offset`` coordinate (DN per date).
+        scenes: ``(time, band, y, x)`` uint16 from :func:`clc_dask.load.load_scenes` (one
+            time step per granule), with the composite's bands and ``SCL``, a
+            ``boa_offset`` coordinate (DN per granule) and the pass coordinates that
+            :func:`satellite_passes` reads (without them every granule is its own pass).
         composite: ``rgb`` (B04, B03, B02), ``nrg`` (B08, B04, B03) or ``all`` (B02…B08).
         mask_snow: also treat SCL snow/ice (11) as not clear (off by default: snow is
             a land-cover signal in April mosaics).
@@ -179,7 +197,9 @@ def seasonal_mosaic(
     Returns:
         Dataset on the scenes' grid with ``reflectance`` ``(band, y, x)`` uint16 (DN =
         reflectance × 10000, 0 = no clear observation) and ``clear_count`` ``(y, x)``
-        (uint8, or uint16 beyond 255 dates): the number of dates with a clear SCL class.
+        (uint8, or uint16 beyond 255 passes): the number of passes with a clear SCL class
+        in at least one of their granules. The result does not depend on the chunking or
+        on the order of the items.
     """
     bands = composite_bands(composite)
     _check_scenes(scenes, bands)
@@ -193,8 +213,11 @@ def seasonal_mosaic(
     scl = data[:, band_index[SCL_BAND]:band_index[SCL_BAND] + 1]
     offsets = np.asarray(scenes["boa_offset"].values, dtype=np.uint16).reshape(-1)
     classes = np.asarray(masked_classes(mask_snow), dtype=np.uint16)
-    n_dates = scenes.sizes["time"]
-    count_dtype = np.dtype(np.uint8 if n_dates <= np.iinfo(np.uint8).max else np.uint16)
+    passes = satellite_passes(scenes)
+    n_passes = len(passes)
+    count_dtype = np.dtype(np.uint8 if n_passes <= np.iinfo(np.uint8).max else np.uint16)
+    if n_passes < scenes.sizes["time"]:
+        log.info("mosaic: %d granule(s) in %d satellite pass(es)", scenes.sizes["time"], n_passes)
 
     median = da.blockwise(
         _median_block, "byx",
@@ -202,6 +225,7 @@ def seasonal_mosaic(
         scl, "tcyx",
         offsets, None,
         classes, None,
+        passes, None,
         dtype=np.uint16,
         concatenate=True,
         name="clear-median",
@@ -211,6 +235,7 @@ def seasonal_mosaic(
         scl, "tcyx",
         classes, None,
         count_dtype, None,
+        passes, None,
         dtype=count_dtype,
         concatenate=True,
         name="clear-count",
@@ -218,11 +243,122 @@ def seasonal_mosaic(
     reflectance = to_dataarray(median, gbox, band_names=list(bands), name="reflectance", nodata=NODATA)
     reflectance.attrs.update(units="DN (surface reflectance × 10000)", composite=composite)
     clear_count = to_dataarray(count, gbox, name="clear_count", nodata=None)
-    clear_count.attrs.update(units="dates", masked_scl_classes=list(map(int, classes)))
+    clear_count.attrs.update(units="passes", masked_scl_classes=list(map(int, classes)))
     dataset = xr.Dataset({"reflectance": reflectance, "clear_count": clear_count})
-    dataset.attrs.update(composite=composite, n_dates=n_dates,
+    dataset.attrs.update(composite=composite, n_dates=n_passes, n_granules=scenes.sizes["time"],
                          masked_scl_classes=list(map(int, classes)))
     return dataset
+
+
+# --------------------------------------------------------------------------- passes
+def solar_day(time: np.ndarray, lon: np.ndarray) -> np.ndarray:
+    """The local mean solar date of acquisitions, as days since 1970-01-01.
+
+    Sentinel-2 passes at about 10:30 local solar time everywhere, far from solar midnight,
+    so all granules of one pass share this date, also across UTM zones, where their UTC
+    date may differ (e.g. east of 150° E). Only at the antimeridian does it jump.
+
+    Args:
+        time: acquisition times (UTC, ``datetime64``).
+        lon: longitudes, degrees east (NaN: unknown).
+
+    Returns:
+        int64 days, −1 where the longitude is unknown.
+    """
+    seconds = np.asarray(time, dtype="datetime64[s]").astype(np.int64)
+    lon = np.asarray(lon, dtype=np.float64)
+    known = np.isfinite(lon)
+    local = seconds + np.round(np.where(known, lon, 0.0) * _SECONDS_PER_DEGREE).astype(np.int64)
+    return np.where(known, local // _SECONDS_PER_DAY, -1)
+
+
+def satellite_passes(scenes: xr.DataArray) -> tuple[Pass, ...]:
+    """Group the time steps (granules) of ``scenes`` into satellite passes.
+
+    Two granules belong to one pass when they share the platform and either the local mean
+    solar date at their centres (:func:`solar_day`) or the absolute orbit
+    (``sat:absolute_orbit``, or the one in the ``s2:datatake_id``, robust at the
+    antimeridian). A satellite sees a place at most once per solar day, so this merges
+    exactly the copies of one observation: neighbouring MGRS tiles, tiles of two UTM zones,
+    or one item listed twice. Granules without a known platform are passes of their own.
+
+    Args:
+        scenes: scenes with the coordinates of :data:`clc_dask.load.PASS_COORDS` along time
+            (missing coordinates count as unknown).
+
+    Returns:
+        One tuple of time indices per pass, each in merge order: granules in the grid's CRS
+        first (their pixels need no resampling), then by item id. The passes are ordered by
+        their earliest granule. Neither depends on the order of the time steps.
+    """
+    n = scenes.sizes["time"]
+    times = np.asarray(scenes["time"].values, dtype="datetime64[ns]")
+    ids = _coord(scenes, "id", "", str)
+    platforms = _platforms(_coord(scenes, "platform", "", str), _coord(scenes, "datatake_id", "", str))
+    orbits = _orbits(_coord(scenes, "absolute_orbit", -1, np.int64), _coord(scenes, "datatake_id", "", str))
+    days = solar_day(times, _coord(scenes, "centre_lon", np.nan, np.float64))
+    memberships: list[tuple[tuple[object, ...], int]] = []  # (shared key, time index)
+    for i in range(n):
+        if platforms[i]:
+            if days[i] >= 0:
+                memberships.append((("solar day", platforms[i], int(days[i])), i))
+            if orbits[i] >= 0:
+                memberships.append((("orbit", platforms[i], int(orbits[i])), i))
+    unknown = sum(1 for p in platforms if not p)
+    if unknown and "platform" in scenes.coords:
+        log.warning("%d granule(s) name no platform: each counts as a satellite pass of its own", unknown)
+    elif unknown:
+        log.debug("scenes carry no pass coordinates: each time step is a satellite pass of its own")
+    labels = _linked(n, memberships)
+    grid_epsg = geobox_of(scenes).crs.epsg
+    epsgs = _coord(scenes, "granule_epsg", 0, np.int64)
+    order = sorted(range(n), key=lambda i: (epsgs[i] != grid_epsg, ids[i], times[i], i))
+    groups: dict[int, list[int]] = {}
+    for i in order:
+        groups.setdefault(int(labels[i]), []).append(i)
+    return tuple(sorted((tuple(g) for g in groups.values()),
+                        key=lambda g: min((times[i], ids[i]) for i in g)))
+
+
+def _coord(scenes: xr.DataArray, name: str, fill: object, dtype: type) -> np.ndarray:
+    """Coordinate ``name`` along time, or ``fill`` for every step when absent."""
+    if name not in scenes.coords:
+        return np.full(scenes.sizes["time"], fill, dtype=object if dtype is str else dtype)
+    values = np.broadcast_to(np.asarray(scenes[name].values), (scenes.sizes["time"],))
+    return values.astype(object) if dtype is str else values.astype(dtype)
+
+
+def _platforms(platforms: np.ndarray, datatakes: np.ndarray) -> list[str]:
+    """Lower-case platform names (``sentinel-2a``), from the datatake id where missing."""
+    out = []
+    for platform, datatake in zip(platforms, datatakes, strict=True):
+        name = str(platform or "").strip().lower()
+        match = _DATATAKE.match(str(datatake or ""))
+        if not name and match:
+            name = f"sentinel-2{match[1].lower()}"
+        out.append(name)
+    return out
+
+
+def _orbits(orbits: np.ndarray, datatakes: np.ndarray) -> np.ndarray:
+    """Absolute orbit numbers, from the datatake id where missing; −1 where unknown."""
+    out = np.asarray(orbits, dtype=np.int64).copy()
+    for i, datatake in enumerate(datatakes):
+        match = _DATATAKE.match(str(datatake or ""))
+        if out[i] < 0 and match:
+            out[i] = int(match[2])
+    return out
+
+
+def _linked(n: int, memberships: Sequence[tuple[tuple[object, ...], int]]) -> np.ndarray:
+    """Component label of each of ``n`` nodes, where nodes sharing a key are linked."""
+    first: dict[tuple[object, ...], int] = {}
+    rows, cols = [], []
+    for key, node in memberships:
+        rows.append(first.setdefault(key, node))
+        cols.append(node)
+    graph = coo_array((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
 
 
 def _check_scenes(scenes: xr.DataArray, bands: Sequence[str]) -> None:
@@ -272,16 +408,58 @@ def median_of_clear(refl: np.ndarray, clear: np.ndarray, offsets: np.ndarray) ->
     return out
 
 
-def _median_block(refl: np.ndarray, scl: np.ndarray, offsets: np.ndarray, classes: np.ndarray) -> np.ndarray:
+def merge_passes(
+    refl: np.ndarray, clear: np.ndarray, offsets: np.ndarray, passes: Sequence[Pass]
+) -> tuple[np.ndarray, np.ndarray]:
+    """One observation per pass: the harmonised DN of its first granule that is clear with data.
+
+    Args:
+        refl: ``(time, y, x)`` uint16 DN of one band, one time step per granule.
+        clear: ``(time, y, x)`` bool, True where the granule's SCL class is clear.
+        offsets: ``(time,)`` DN to subtract per granule (results below 1 become 1).
+        passes: time indices of each pass in merge order (:func:`satellite_passes`).
+
+    Returns:
+        ``(pass, y, x)`` uint16 harmonised DN (0 where the pass has no clear observation)
+        and the ``(pass, y, x)`` bool mask of clear observations.
+    """
+    shape = (len(passes), *refl.shape[1:])
+    merged = np.zeros(shape, dtype=np.uint16)
+    valid = np.zeros(shape, dtype=bool)
+    off = np.asarray(offsets, dtype=np.uint16)
+    for p, members in enumerate(passes):
+        for t in reversed(members):  # the first granule is written last and wins
+            usable = clear[t] & (refl[t] != NODATA)
+            harmonised = np.where(refl[t] > off[t], refl[t] - off[t], np.uint16(1)).astype(np.uint16, copy=False)
+            np.copyto(merged[p], harmonised, where=usable)
+            valid[p] |= usable
+    return merged, valid
+
+
+def _median_block(refl: np.ndarray, scl: np.ndarray, offsets: np.ndarray, classes: np.ndarray,
+                  passes: Sequence[Pass]) -> np.ndarray:
     clear = clear_mask(scl[:, 0], classes)
+    single = all(len(members) == 1 for members in passes)  # nothing to merge (the median ignores order)
+    no_offset = np.zeros(len(passes), dtype=np.uint16)
     out = np.empty(refl.shape[1:], dtype=np.uint16)
     for j in range(refl.shape[1]):
-        out[j] = median_of_clear(refl[:, j], clear, offsets)
+        if single:
+            out[j] = median_of_clear(refl[:, j], clear, offsets)
+        else:
+            merged, valid = merge_passes(refl[:, j], clear, offsets, passes)
+            out[j] = median_of_clear(merged, valid, no_offset)
     return out
 
 
-def _clear_count_block(scl: np.ndarray, classes: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    return clear_mask(scl[:, 0], classes).sum(axis=0, dtype=dtype)
+def _clear_count_block(scl: np.ndarray, classes: np.ndarray, dtype: np.dtype,
+                       passes: Sequence[Pass]) -> np.ndarray:
+    clear = clear_mask(scl[:, 0], classes)
+    if all(len(members) == 1 for members in passes):
+        return clear.sum(axis=0, dtype=dtype)
+    count = np.zeros(clear.shape[1:], dtype=dtype)
+    for members in passes:
+        count += clear[list(members)].any(axis=0)
+    return count
 
 
 # --------------------------------------------------------------------------- writing

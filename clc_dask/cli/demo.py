@@ -18,6 +18,9 @@ def _echo_step(name: str, result: dict[str, Any]) -> None:
         how = "reused" if result.get("reused") else "built"
         typer.echo(f"Region {how}: {result['workdir']} ({result['size']} px at 10 m, seed "
                    f"{result['seed']}, {result['scenes']} scenes) [{result['seconds']:.1f} s]")
+        if "granule_crs" in result:
+            typer.echo(f"Two UTM zones: region grid {result['crs']}, granules in "
+                       f"{' and '.join(result['granule_crs'])}")
     elif name == "serve":
         typer.echo(f"STAC API: {result['stac_url']}")
         typer.echo(f"Data (COGs over HTTP, range requests): {result['data_url']}")
@@ -56,6 +59,10 @@ def register(app: typer.Typer) -> None:
             "--keep-serving/--no-keep-serving",
             help="Keep the servers up after the demo until Ctrl-C (to explore with other tools).",
         )] = False,
+        two_zone: Annotated[bool, typer.Option(
+            "--two-zone", help="Build the region across the UTM zone border at 12° E: an "
+            "EPSG:3035 grid, every pass delivered as two overlapping granules in EPSG:32632 "
+            "(MGRS 32TQN) and EPSG:32633 (33TTH), as real Sentinel-2 there.")] = False,
     ) -> None:
         """Build the offline demo region, serve it like the real thing on loopback (rustac
         STAC API + COGs over HTTP) and run the whole chain against it: seasonal mosaics, CLC
@@ -65,5 +72,5 @@ def register(app: typer.Typer) -> None:
 
         ctx = run_demo(workdir, size, seed, stac_port=stac_port, data_port=data_port,
                        keep_serving=keep_serving, on_step=_echo_step, until=until,
-                       epochs=epochs)
+                       epochs=epochs, two_zone=two_zone)
         typer.echo(f"Demo done in {ctx.workdir}; servers stopped.")

@@ -1,7 +1,8 @@
 """The offline demo: a synthetic region served like the real thing, and the demo run.
 
 - :func:`build_region` (``region.py``) writes a CLC-like GeoPackage and Sentinel-2 L2A
-  scenes (COGs + Earth Search v1 style STAC items) for a region in central Italy;
+  scenes (COGs + Earth Search v1 style STAC items) for a region in central Italy — in one
+  UTM zone, or across the zone border at 12° E with granules in both zones (``zones.py``);
 - :func:`serve_region` (``servers.py``) serves it on loopback: ``rustac serve`` as the STAC
   API and an HTTP file server with range requests for the COGs;
 - :func:`run_demo` runs the demo's steps (:data:`DEMO_STEPS`) in order with the servers up.
@@ -83,6 +84,8 @@ class DemoContext:
     client: Any = None
     #: Training epochs (None: the cpu-demo preset's).
     epochs: int | None = None
+    #: Build the region across UTM zones 32/33 (EPSG:3035 grid, granules in both zones).
+    two_zone: bool = False
 
     def require_region(self) -> DemoRegion:
         """The region (a step that needs it must run after ``region``)."""
@@ -103,10 +106,14 @@ DemoStep = Callable[[DemoContext], "dict[str, Any] | None"]
 def step_region(ctx: DemoContext) -> dict[str, Any]:
     """Build the region in the workdir, or reuse the complete one already there."""
     reused = existing_region(ctx.workdir)
-    ctx.region = build_region(ctx.workdir, ctx.size, ctx.seed)
-    reused_flag = reused is not None and reused.matches(ctx.size, ctx.seed)
-    return {"workdir": str(ctx.region.workdir), "size": ctx.region.size, "seed": ctx.region.seed,
-            "scenes": len(ctx.region.scenes), "reused": reused_flag}
+    ctx.region = build_region(ctx.workdir, ctx.size, ctx.seed, two_zone=ctx.two_zone)
+    reused_flag = reused is not None and reused.matches(ctx.size, ctx.seed, two_zone=ctx.two_zone)
+    summary = {"workdir": str(ctx.region.workdir), "size": ctx.region.size, "seed": ctx.region.seed,
+               "scenes": len(ctx.region.scenes), "reused": reused_flag}
+    if ctx.region.two_zone:
+        summary["crs"] = ctx.region.crs
+        summary["granule_crs"] = sorted({f"EPSG:{s.epsg}" for s in ctx.region.scenes})
+    return summary
 
 
 def step_serve(ctx: DemoContext) -> dict[str, Any]:
@@ -173,6 +180,7 @@ def run_demo(
     on_step: Callable[[str, dict[str, Any]], None] | None = None,
     until: str | None = None,
     epochs: int | None = None,
+    two_zone: bool = False,
 ) -> DemoContext:
     """Run the demo: build (or reuse) the region, serve it, and run every step of
     :data:`DEMO_STEPS` (or ``steps``); the servers stop at the end.
@@ -189,6 +197,8 @@ def run_demo(
         on_step: called with (step name, summary) after each step, e.g. to print progress.
         until: stop after this step (e.g. ``"search"`` to only build and serve the region).
         epochs: training epochs (default: the ``cpu-demo`` preset's).
+        two_zone: build the region across the UTM zone border at 12° E (EPSG:3035 grid,
+            every pass as two overlapping granules in EPSG:32632 and EPSG:32633).
 
     Bad options fail before anything is written: :class:`ConfigError` (size, seed, ports,
     host), :class:`ServerError` (a port in use), :class:`OutputError` (workdir not writable).
@@ -208,8 +218,10 @@ def run_demo(
     ensure_port_free(host, data_port, "data server", "`data_port`")
     ensure_port_free(host, stac_port, "STAC API", "`stac_port`")
     workdir = prepare_workdir(workdir)
+    if not isinstance(two_zone, bool):
+        raise ConfigError(f"two_zone must be True or False, not {two_zone!r}.")
     ctx = DemoContext(workdir=workdir, size=size, seed=seed, host=host, stac_port=stac_port,
-                      data_port=data_port, epochs=epochs)
+                      data_port=data_port, epochs=epochs, two_zone=two_zone)
     with ctx.stack:
         for name, step in steps:
             started = time.perf_counter()

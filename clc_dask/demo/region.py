@@ -1,7 +1,10 @@
 """The offline demo region: CLC-like polygons and Sentinel-2 L2A scenes with STAC metadata.
 
 :func:`build_region` synthesizes, deterministically from a seed, a square region of
-``size`` × ``size`` pixels at 10 m in central Italy (EPSG:32633, MGRS tile 33TUH, year 2018):
+``size`` × ``size`` pixels at 10 m in central Italy (EPSG:32633, MGRS tile 33TUH, year 2018)
+— or, with ``two_zone=True``, across the UTM zone border at 12° E on an EPSG:3035 grid,
+each pass delivered as two overlapping granules in EPSG:32632 and EPSG:32633 (see
+:mod:`clc_dask.demo.zones`):
 
 - ``clc/clc.gpkg`` (layer ``clc``, fields ``ID``, ``CODE_18``, ``AREA_HA``) — CORINE-like
   polygons, every one ≥ 25 ha and ≥ 100 m wide, 16 Level-3 / 11 Level-2 classes;
@@ -30,6 +33,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +48,7 @@ from odc.geo.geom import Geometry
 from rasterio.transform import Affine
 
 from clc_dask.classes import colormap
-from clc_dask.demo import landcover, scenes, stac
+from clc_dask.demo import landcover, scenes, stac, zones
 from clc_dask.errors import ConfigError, InputError, OutputError
 from clc_dask.stores import atomic_path
 from clc_dask.vectorize import fixed_gpkg_date
@@ -84,6 +88,8 @@ class DemoScene:
     nodata_percentage: float  # percent of the region outside the swath
     item_path: Path
     assets: dict[str, Path]  # blue/green/red/nir/scl → COG path
+    epsg: int = DEMO_EPSG  # CRS of the granule's files
+    mgrs_tile: str = DEMO_MGRS_TILE
 
     @property
     def offset(self) -> int:
@@ -113,6 +119,7 @@ class DemoRegion:
     collection_path: Path
     collection_id: str
     scenes: tuple[DemoScene, ...]
+    two_zone: bool = False  # across UTM zones 32/33: EPSG:3035 grid, granules in both zones
 
     @property
     def crs(self) -> str:
@@ -169,9 +176,10 @@ class DemoRegion:
         return [self.workdir / rel for rel in manifest["files"]]
 
     def matches(self, size: int, seed: int, year: int = DEFAULT_YEAR,
-                dates_per_season: int = DEFAULT_DATES_PER_SEASON) -> bool:
+                dates_per_season: int = DEFAULT_DATES_PER_SEASON, two_zone: bool = False) -> bool:
         """Whether this region was built with these parameters."""
-        return (self.size, self.seed, self.year, self.dates_per_season) == (size, seed, year, dates_per_season)
+        return ((self.size, self.seed, self.year, self.dates_per_season, self.two_zone)
+                == (size, seed, year, dates_per_season, two_zone))
 
     @classmethod
     def load(cls, workdir: str | os.PathLike[str]) -> DemoRegion:
@@ -206,6 +214,7 @@ class DemoRegion:
                 carries_boa_offset=bool(s["carries_boa_offset"]), cloud_cover=float(s["cloud_cover"]),
                 nodata_percentage=float(s["nodata_percentage"]), item_path=workdir / s["item"],
                 assets={k: workdir / v for k, v in s["assets"].items()},
+                epsg=int(s.get("epsg", man["epsg"])), mgrs_tile=s.get("mgrs_tile", man["mgrs_tile"]),
             )
             for s in man["scenes"]
         )
@@ -218,7 +227,7 @@ class DemoRegion:
             clc_field=man["clc"]["field"], codes_path=workdir / man["clc"]["raster"],
             catalog_path=workdir / man["stac"]["catalog"],
             collection_path=workdir / man["stac"]["collection"],
-            collection_id=man["stac"]["collection_id"], scenes=sc,
+            collection_id=man["stac"]["collection_id"], scenes=sc, two_zone=bool(man.get("two_zone", False)),
         )
 
 
@@ -277,6 +286,7 @@ def build_region(
     year: int = DEFAULT_YEAR,
     dates_per_season: int = DEFAULT_DATES_PER_SEASON,
     overwrite: bool = False,
+    two_zone: bool = False,
 ) -> DemoRegion:
     """Build the demo region in ``workdir`` (or reuse the one already there).
 
@@ -290,22 +300,29 @@ def build_region(
         dates_per_season: scenes in each of April, July and September (3–6).
         overwrite: replace a complete region built with other parameters (otherwise that is
             an :class:`OutputError`). A region with the same parameters is always reused.
+        two_zone: build the region across the UTM zone border at 12° E instead: its grid is
+            EPSG:3035 and every pass comes as two overlapping granules, one in EPSG:32632
+            (MGRS 32TQN) and one in EPSG:32633 (33TTH), as real Sentinel-2 there: twice as
+            many items, each covering about two thirds of the region.
 
     The region is written into a hidden ``.region.partial-*`` folder inside ``workdir``,
     moved into place when complete, and marked complete by writing ``region.json`` last.
     """
     validate_parameters(size, seed, year, dates_per_season)
+    if not isinstance(two_zone, bool):
+        raise ConfigError(f"two_zone must be True or False, not {two_zone!r}.")
     workdir = prepare_workdir(workdir)
     current = existing_region(workdir)
     if current is not None:
-        if current.matches(size, seed, year, dates_per_season):
+        if current.matches(size, seed, year, dates_per_season, two_zone):
             log.info("reusing the demo region in %s (seed %d, %d px)", workdir, seed, size)
             return current
         if not overwrite:
+            zones_built = "across UTM zones 32/33 (--two-zone)" if current.two_zone else "in one UTM zone"
             raise OutputError(
-                f"{workdir} already holds a demo region built with seed {current.seed}, size "
-                f"{current.size}, {current.dates_per_season} dates per season: pass those, or "
-                "choose another `workdir`."
+                f"{workdir} already holds a demo region built {zones_built} with seed "
+                f"{current.seed}, size {current.size}, {current.dates_per_season} dates per "
+                "season: pass those, or choose another `workdir`."
             )
     for stale in workdir.glob(_PARTIAL_PREFIX + "*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -313,7 +330,7 @@ def build_region(
     started = time.perf_counter()
     try:
         partial.mkdir()
-        manifest = _synthesize(partial, size, seed, year, dates_per_season)
+        manifest = _synthesize(partial, size, seed, year, dates_per_season, two_zone)
         (workdir / MANIFEST).unlink(missing_ok=True)
         for name in ("clc", "stac"):
             target = workdir / name
@@ -365,10 +382,12 @@ def _footprint(valid20: np.ndarray, transform20: Affine, crs: str) -> tuple[dict
     return geojson, [round(v, 9) for v in geom.boundingbox]
 
 
-def _synthesize(root: Path, size: int, seed: int, year: int, dates_per_season: int) -> dict[str, Any]:
+def _synthesize(root: Path, size: int, seed: int, year: int, dates_per_season: int,
+                two_zone: bool = False) -> dict[str, Any]:
     """Write every region file under ``root``; return the manifest (not yet written)."""
-    crs = f"EPSG:{DEMO_EPSG}"
-    left, top = DEMO_ORIGIN
+    epsg = zones.TWO_ZONE_EPSG if two_zone else DEMO_EPSG
+    crs = f"EPSG:{epsg}"
+    left, top = zones.two_zone_origin(size, RESOLUTION) if two_zone else DEMO_ORIGIN
     transform10 = Affine(RESOLUTION, 0, left, 0, -RESOLUTION, top)
     transform20 = Affine(SCL_RESOLUTION, 0, left, 0, -SCL_RESOLUTION, top)
     shape20 = (size // 2, size // 2)
@@ -394,55 +413,52 @@ def _synthesize(root: Path, size: int, seed: int, year: int, dates_per_season: i
 
     t0 = time.perf_counter()
     surfaces = scenes.build_surfaces(seed, land)
-    plans = scenes.plan_scenes(seed, year, dates_per_season, DEMO_MGRS_TILE, centre)
+    tiles = [g.mgrs_tile for g in zones.TWO_ZONE_GRANULES] if two_zone else [DEMO_MGRS_TILE]
+    plans = scenes.plan_scenes(seed, year, dates_per_season, tiles[-1], centre)
     log.info("surfaces and scene plan in %.1f s", time.perf_counter() - t0)
 
-    grid = _Grid(crs, (size, size), transform10, shape20, transform20)
+    grid = _Grid(crs, (size, size), transform10, shape20, transform20, DEMO_EPSG, DEMO_MGRS_TILE)
     coll_dir = root / "stac" / stac.COLLECTION_ID
-    scene_records: list[dict[str, Any]] = []
-    item_hrefs: list[str] = []
-    for season in scenes.SEASON_MONTHS:
-        season_plans = [p for p in plans if p.season == season]
-        masks = [scenes.draw_masks(seed, p, shape20, SCL_RESOLUTION) for p in season_plans]
-        cleared = scenes.keep_clear_views(season_plans, masks)
-        log.debug("%s: cleared %d px so every pixel has a clear date", season, cleared)
-        surface = surfaces.reflectance(season)
-        clear = scenes.clear_scl(surface, surfaces.water)
-        for plan, mask in zip(season_plans, masks, strict=True):
-            t0 = time.perf_counter()
-            record, written = _write_scene(root, coll_dir / plan.id, seed, plan, mask, surface, clear, grid)
-            files += written
-            scene_records.append(record)
-            item_hrefs.append(f"./{plan.id}/{plan.id}.json")
-            log.info("scene %s (%s, baseline %s, cloud %.1f %%) in %.1f s", plan.id, season,
-                     plan.processing_baseline, record["cloud_cover"], time.perf_counter() - t0)
-        del surface, masks
+    if two_zone:
+        scene_records, written = _write_two_zone_scenes(root, coll_dir, seed, plans, surfaces, geobox)
+    else:
+        scene_records, written = _write_scenes(root, coll_dir, seed, plans, surfaces, grid)
+    files += written
+    item_hrefs = [f"./{r['id']}/{r['id']}.json" for r in scene_records]
 
     datetimes = [r["datetime"] for r in scene_records]
-    grid10 = {"proj:shape": [size, size], "proj:transform": list(transform10)[:6]}
-    grid20 = {"proj:shape": list(shape20), "proj:transform": list(transform20)[:6]}
+    grid10 = {} if two_zone else {"proj:shape": [size, size], "proj:transform": list(transform10)[:6]}
+    grid20 = {} if two_zone else {"proj:shape": list(shape20), "proj:transform": list(transform20)[:6]}
     collection_path = coll_dir / "collection.json"
     _write_json(collection_path, stac.collection_dict(bbox_ll, (min(datetimes), max(datetimes)),
                                                       item_hrefs, grid10, grid20))
     catalog_path = root / "stac" / "catalog.json"
+    where = (f"across the UTM zone border at 12° E (EPSG:{epsg}; granules "
+             + " and ".join(f"{g.mgrs_tile} in EPSG:{g.epsg}" for g in zones.TWO_ZONE_GRANULES) + ")"
+             if two_zone else f"(EPSG:{DEMO_EPSG})")
     _write_json(catalog_path, stac.catalog_dict(
         "clc-dask demo region",
         f"Synthetic Sentinel-2 L2A scenes of {year} over a {size * RESOLUTION / 1000:g} km square "
-        f"in central Italy (EPSG:{DEMO_EPSG}), seed {seed}."))
+        f"in central Italy {where}, seed {seed}."))
     files += [collection_path, catalog_path]
 
-    return {
+    manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
         "seed": seed,
         "size": size,
         "resolution": RESOLUTION,
-        "epsg": DEMO_EPSG,
+        "epsg": epsg,
         "bounds": list(bounds),
         "bbox_lonlat": bbox_ll,
         "year": year,
         "dates_per_season": dates_per_season,
-        "mgrs_tile": DEMO_MGRS_TILE,
+        "mgrs_tile": "+".join(tiles),
+    }
+    if two_zone:
+        manifest["two_zone"] = True
+        manifest["granules"] = [{"mgrs_tile": g.mgrs_tile, "epsg": g.epsg} for g in zones.TWO_ZONE_GRANULES]
+    manifest.update({
         "clc": {"vector": "clc/clc.gpkg", "layer": CLC_LAYER, "field": CLC_FIELD,
                 "raster": "clc/clc_l3.tif", "polygons": n_polygons,
                 "area_ha": {str(k): v for k, v in sorted(class_area.items())}},
@@ -452,7 +468,8 @@ def _synthesize(root: Path, size: int, seed: int, year: int, dates_per_season: i
         "seasons": {s: [r["id"] for r in scene_records if r["season"] == s] for s in scenes.SEASON_MONTHS},
         "scenes": scene_records,
         "files": {str(f.relative_to(root)): f.stat().st_size for f in files},
-    }
+    })
+    return manifest
 
 
 @dataclass(frozen=True)
@@ -462,11 +479,81 @@ class _Grid:
     transform10: Affine
     shape20: tuple[int, int]
     transform20: Affine
+    epsg: int
+    mgrs_tile: str
+
+
+def _season_masks(seed: int, plans: list[scenes.ScenePlan], season: str,
+                  shape20: tuple[int, int]) -> tuple[list[scenes.ScenePlan], list[scenes.SceneMasks]]:
+    """The season's plans and their 20 m masks, with a clear view kept at every pixel."""
+    season_plans = [p for p in plans if p.season == season]
+    masks = [scenes.draw_masks(seed, p, shape20, SCL_RESOLUTION) for p in season_plans]
+    cleared = scenes.keep_clear_views(season_plans, masks)
+    log.debug("%s: cleared %d px so every pixel has a clear date", season, cleared)
+    return season_plans, masks
+
+
+def _write_scenes(root: Path, coll_dir: Path, seed: int, plans: list[scenes.ScenePlan],
+                  surfaces: scenes.SurfaceModel, grid: _Grid) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Every scene on the region's own grid; return their manifest records and files."""
+    records: list[dict[str, Any]] = []
+    files: list[Path] = []
+    for season in scenes.SEASON_MONTHS:
+        season_plans, masks = _season_masks(seed, plans, season, grid.shape20)
+        surface = surfaces.reflectance(season)
+        clear = scenes.clear_scl(surface, surfaces.water)
+        for plan, mask in zip(season_plans, masks, strict=True):
+            t0 = time.perf_counter()
+            record, written = _write_scene(root, coll_dir / plan.id, seed, plan, mask, surface, clear, grid)
+            files += written
+            records.append(record)
+            log.info("scene %s (%s, baseline %s, cloud %.1f %%) in %.1f s", plan.id, season,
+                     plan.processing_baseline, record["cloud_cover"], time.perf_counter() - t0)
+        del surface, masks
+    return records, files
+
+
+def _write_two_zone_scenes(root: Path, coll_dir: Path, seed: int, plans: list[scenes.ScenePlan],
+                           surfaces: scenes.SurfaceModel, region: GeoBox) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Every pass as one granule per UTM zone (:mod:`clc_dask.demo.zones`); records in pass
+    order, west granule first."""
+    records: dict[tuple[int, int], dict[str, Any]] = {}
+    files: list[Path] = []
+    granules = zones.granule_grids(region)
+    water = [granule.sample20(surfaces.water) for granule in granules]
+    for season in scenes.SEASON_MONTHS:
+        season_plans, masks = _season_masks(seed, plans, season, (region.shape.y // 2, region.shape.x // 2))
+        surface = surfaces.reflectance(season)
+        for g, granule in enumerate(granules):
+            grid = _Grid(granule.crs, granule.shape10, granule.transform10, granule.shape20,
+                         granule.transform20, granule.spec.epsg, granule.spec.mgrs_tile)
+            tile_surface = granule.sample10(surface)
+            clear = scenes.clear_scl(tile_surface, water[g])
+            tile_plans = [zones.granule_plan(plan, granule.spec) for plan in season_plans]
+            tile_masks = [zones.tile_cloud_edges(m, seed, p) for m, p in zip(masks, tile_plans, strict=True)]
+            scenes.keep_clear_views(tile_plans, tile_masks)
+            for plan, tile_plan, mask in zip(season_plans, tile_plans, tile_masks, strict=True):
+                t0 = time.perf_counter()
+                tile_mask = zones.granule_masks(mask, granule)
+                record, written = _write_scene(root, coll_dir / tile_plan.id, seed, tile_plan, tile_mask,
+                                               tile_surface, clear, grid, datatake_start=plan.datetime)
+                files += written
+                records[plans.index(plan), g] = record
+                log.info("scene %s (%s, %s, cloud %.1f %%) in %.1f s", tile_plan.id, season, granule.crs,
+                         record["cloud_cover"], time.perf_counter() - t0)
+            del tile_surface
+        del surface, masks
+    return [records[key] for key in sorted(records)], files
 
 
 def _write_scene(root: Path, item_dir: Path, seed: int, plan: scenes.ScenePlan, mask: scenes.SceneMasks,
-                 surface: np.ndarray, clear: np.ndarray, grid: _Grid) -> tuple[dict[str, Any], list[Path]]:
-    """Write one scene (four band COGs, SCL COG, item JSON); return its manifest record and files."""
+                 surface: np.ndarray, clear: np.ndarray, grid: _Grid,
+                 datatake_start: datetime | None = None) -> tuple[dict[str, Any], list[Path]]:
+    """Write one scene (four band COGs, SCL COG, item JSON); return its manifest record and files.
+
+    ``datatake_start`` marks a granule of a pass delivered in several granules: its record
+    then names the granule's CRS and MGRS tile.
+    """
     item_dir.mkdir(parents=True)
     assets: dict[str, dict[str, Any]] = {}
     # GDAL encodes one band (in a thread, without the GIL) while numpy draws the next.
@@ -486,7 +573,8 @@ def _write_scene(root: Path, item_dir: Path, seed: int, plan: scenes.ScenePlan, 
     assets["scl"] = stac.scl_asset("SCL.tif", grid.shape20, grid.transform20)
     stats = scenes.scl_statistics(scl)
     geometry, bbox = _footprint(mask.valid, grid.transform20, grid.crs)
-    item = stac.item_dict(plan, stats, geometry, bbox, DEMO_EPSG, DEMO_MGRS_TILE, assets)
+    item = stac.item_dict(plan, stats, geometry, bbox, grid.epsg, grid.mgrs_tile, assets,
+                          datatake_start=datatake_start)
     item_path = item_dir / f"{plan.id}.json"
     _write_json(item_path, item)
     files.append(item_path)
@@ -499,6 +587,8 @@ def _write_scene(root: Path, item_dir: Path, seed: int, plan: scenes.ScenePlan, 
         "item": str(rel / item_path.name),
         "assets": {k: str(rel / a["href"]) for k, a in assets.items()},
     }
+    if datatake_start is not None:
+        record.update(epsg=grid.epsg, mgrs_tile=grid.mgrs_tile)
     return record, files
 
 

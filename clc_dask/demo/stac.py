@@ -93,18 +93,25 @@ def _earth_sun_factor(when: datetime) -> float:
 
 
 def item_dict(plan: ScenePlan, stats: dict[str, float], geometry: dict[str, Any],
-              bbox: list[float], epsg: int, mgrs_tile: str, assets: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """An Earth Search v1 style L2A item (links relative to a static catalog layout)."""
+              bbox: list[float], epsg: int, mgrs_tile: str, assets: dict[str, dict[str, Any]],
+              datatake_start: datetime | None = None) -> dict[str, Any]:
+    """An Earth Search v1 style L2A item (links relative to a static catalog layout).
+
+    ``datatake_start`` is when the satellite pass began (default: the granule's own time);
+    granules of one pass share it, and with it their datatake, product, orbit and
+    generation time.
+    """
     when = plan.datetime
+    start = when if datatake_start is None else datatake_start
     baseline = plan.processing_baseline
     nbl = baseline.replace(".", "")
-    generated = when + timedelta(hours=2, minutes=17, seconds=41)
-    if plan.carries_boa_offset and when.year < 2022:  # reprocessed collection
-        generated = datetime(2022, 11, 14, 3, 12, 5, tzinfo=UTC) + timedelta(days=when.timetuple().tm_yday)
+    generated = start + timedelta(hours=2, minutes=17, seconds=41)
+    if plan.carries_boa_offset and start.year < 2022:  # reprocessed collection
+        generated = datetime(2022, 11, 14, 3, 12, 5, tzinfo=UTC) + timedelta(days=start.timetuple().tm_yday)
     created = generated + timedelta(hours=6, minutes=2)
     short = "S2A" if plan.platform == "sentinel-2a" else "S2B"
-    orbit = _absolute_orbit(plan.platform, when)
-    t_acq, t_gen = f"{when:%Y%m%dT%H%M%S}", f"{generated:%Y%m%dT%H%M%S}"
+    orbit = _absolute_orbit(plan.platform, start)
+    t_acq, t_gen = f"{start:%Y%m%dT%H%M%S}", f"{generated:%Y%m%dT%H%M%S}"
     properties: dict[str, Any] = {
         "created": _stamp(created),
         "platform": plan.platform,
