@@ -18,6 +18,7 @@ manifest, STAC provenance, reports):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -139,11 +140,12 @@ def environment_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
     environment (or ``environ``), longest first, ignoring those shorter than
     :data:`MIN_SECRET_LENGTH` characters."""
     env = os.environ if environ is None else environ
-    values = {v for k, v in env.items() if len(v) >= MIN_SECRET_LENGTH and is_credential_key(k)}
-    return sorted(values, key=len, reverse=True)
+    values = {env.get(k, "") for k in list(env) if is_credential_key(k)}  # names first: cheaper
+    return sorted((v for v in values if len(v) >= MIN_SECRET_LENGTH), key=len, reverse=True)
 
 
 # --------------------------------------------------------------------------- options
+@functools.lru_cache(maxsize=4096)  # asked for every environment variable of every log record
 def is_credential_key(name: str) -> bool:
     """True when an option called ``name`` may hold a credential."""
     return name.upper() not in NOT_CREDENTIALS and bool(CREDENTIAL_KEY.search(name))
