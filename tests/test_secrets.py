@@ -25,7 +25,7 @@ from leakcheck import assert_no_leaks, encoded_forms, find_leaks
 
 from clc_dask.config import dump_run_config, load_run_config
 from clc_dask.demo.servers import RangeRequestHandler, RequestStats
-from clc_dask.errors import ConfigError, SearchError
+from clc_dask.errors import ConfigError, ReadError, SearchError
 from clc_dask.gdalenv import gdal_env, gdal_options, parse_gdal_options
 from clc_dask.redact import REDACTED, install_log_redaction, public_url, redact_text
 from clc_dask.search import SIGNER_FIELD, save_item_collection, search_items
@@ -35,6 +35,7 @@ TOKEN = "PLANTEDTOKEN5Rz8wL2"  # a fake SAS signature / bearer token
 SUBSCRIPTION_KEY = "PLANTEDSUBKEY4Hn6"  # a fake Planetary Computer subscription key
 PLANTED = [SECRET, TOKEN, SUBSCRIPTION_KEY]
 SAS = f"st=2025-01-01T00%3A00%3A00Z&se=2099-01-01T00%3A00%3A00Z&sp=rl&sv=2024-05-04&sr=c&sig={TOKEN}"
+SIGNED = f"https://sentinel2l2a01.blob.core.windows.net/sentinel2-l2/33/T/WM/B04.tif?{SAS}"
 PC_ITEMS = "stac/item_collections/planetary_computer_sentinel-2-l2a_33items_2019-01-01.json"
 
 VALID = {
@@ -230,8 +231,25 @@ def test_cli_gdal_option_with_a_credential_is_refused_before_anything_is_written
     assert_no_leaks(PLANTED, logs={"stdout": stdout, "stderr": stderr})
 
 
+@pytest.mark.parametrize("error", [ReadError(f"Cannot read asset {SIGNED}: HTTP 403"),
+                                   RuntimeError(f"unexpected answer from {SIGNED}")], ids=type)
+def test_cli_errors_and_tracebacks_show_no_token(error, tmp_path, capsys, monkeypatch, restore_logging):
+    import clc_dask.search
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(clc_dask.search, "search_items", fail)
+    code, stdout, stderr = _run_cli(["search", "--source", "earth-search", "--bbox", "12.0,42.0,12.1,42.1",
+                                     "--out", tmp_path / "items.json"], capsys, monkeypatch)
+    assert code == 1
+    shown = "Error: Cannot read asset" if isinstance(error, ReadError) else "RuntimeError: unexpected answer"
+    assert shown in stderr
+    assert f"{SIGNED.split('?')[0]}?{REDACTED}" in stderr
+    assert_no_leaks(PLANTED, logs={"stdout": stdout, "stderr": stderr})
+
+
 # --------------------------------------------------------------------------- log records
-SIGNED = f"https://sentinel2l2a01.blob.core.windows.net/sentinel2-l2/33/T/WM/B04.tif?{SAS}"
 
 
 def test_log_records_are_redacted_whatever_carries_the_url(caplog, monkeypatch, redaction):
