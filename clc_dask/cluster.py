@@ -1,7 +1,8 @@
 """Make or connect the Dask cluster: one function for notebooks, the CLI and runs.
 
 Order: an explicit address (or ``DASK_SCHEDULER_ADDRESS``) → a ``LocalCUDACluster`` with one
-worker per GPU where GPUs and dask-cuda exist → a CPU ``LocalCluster``.
+worker per GPU where GPUs and dask-cuda exist → a CPU ``LocalCluster``. Every worker of the
+client's cluster redacts its log records (:class:`LogRedactionPlugin`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from collections.abc import Iterator
 from typing import Literal
 
 from distributed import Client, LocalCluster
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from clc_dask.config import ClusterConfig
 from clc_dask.errors import ClcDaskError, ConfigError
+from clc_dask.redact import install_log_redaction
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,19 @@ ClusterKind = Literal["auto", "local", "address", "cuda"]
 ConnectKind = Literal["threads", "auto", "local", "cuda"]
 #: Resource name carried by inference tasks and advertised by GPU workers.
 GPU_RESOURCE = "GPU"
+
+
+class LogRedactionPlugin(WorkerPlugin):
+    """Redact every log record of a worker's process (:func:`clc_dask.redact.install_log_redaction`):
+    signed URLs logged there, by clc-dask or by GDAL, rasterio and stackstac, lose their
+    query strings. Added to every worker by :func:`get_client`, also to workers that join later."""
+
+    name = "clc-dask-log-redaction"
+    idempotent = True  # registering it again (another client) changes nothing
+
+    def setup(self, worker: object) -> None:  # noqa: ARG002 - WorkerPlugin's signature
+        """Install the redaction in the worker's process."""
+        install_log_redaction()
 
 
 def gpu_count() -> int:
@@ -56,6 +72,21 @@ def get_client(
         dashboard_address: where the dashboard listens (``":0"`` = a free port; None = off).
         connect_timeout: how long to wait for a remote scheduler.
     """
+    client = _start_or_connect(address, kind, n_workers, threads_per_worker, memory_limit,
+                               dashboard_address, connect_timeout)
+    client.register_plugin(LogRedactionPlugin())
+    return client
+
+
+def _start_or_connect(
+    address: str | None,
+    kind: ClusterKind,
+    n_workers: int | None,
+    threads_per_worker: int | None,
+    memory_limit: str | None,
+    dashboard_address: str | None,
+    connect_timeout: str,
+) -> Client:
     address = address or os.environ.get("DASK_SCHEDULER_ADDRESS")
     if kind == "address" and not address:
         raise ConfigError("cluster kind 'address' needs an address or DASK_SCHEDULER_ADDRESS.")

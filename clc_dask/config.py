@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from clc_dask.errors import ConfigError
+from clc_dask.redact import credential_advice, credential_options, is_signed_url
 
 SEASONS = ("april", "july", "september")
 
@@ -84,7 +85,9 @@ class ImageryConfig(_Strict):
         None, description="season whose mosaic the model maps in a run (default: the first of seasons)"
     )
     gdal: dict[str, str] = Field(
-        default_factory=dict, description="GDAL options for reading scenes, e.g. GDAL_HTTP_MAX_RETRY: '10'"
+        default_factory=dict, description="GDAL options for reading scenes, e.g. GDAL_HTTP_MAX_RETRY: "
+        "'10'; never credentials (AWS_SECRET_ACCESS_KEY, GDAL_HTTP_HEADERS …): set those as "
+        "environment variables"
     )
 
     @field_validator("seasons")
@@ -109,6 +112,9 @@ class ImageryConfig(_Strict):
         for key in value:
             if not key.isupper() or not key.replace("_", "").isalnum():
                 raise ValueError(f"GDAL option {key!r} is not an upper-case GDAL config key")
+        refused = credential_options(value)
+        if refused:
+            raise ValueError(credential_advice(refused))
         return value
 
     @property
@@ -191,14 +197,40 @@ class RunConfig(_Strict):
     output: OutputConfig
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
+    @model_validator(mode="after")
+    def _no_credentials_in_urls(self) -> RunConfig:
+        # the config is written to run.yaml and STAC provenance: no signed URL may be in it
+        for field, text in _strings(self.model_dump(mode="json")):
+            if "://" in text and is_signed_url(text):
+                raise ValueError(
+                    f"{field}: the URL carries a credential (a password or a signed query string "
+                    "such as sig=, token=, X-Amz-Signature=), and the config is recorded in "
+                    "run.yaml and STAC provenance: give the URL without it (catalog presets sign "
+                    "their own asset URLs), or download the file and give its local path; put "
+                    "credentials in environment variables"
+                )
+        return self
+
+
+def _strings(data: object, path: str = "") -> list[tuple[str, str]]:
+    """Every string in a nested config mapping, with its dotted field path."""
+    if isinstance(data, str):
+        return [(path, data)]
+    if isinstance(data, dict):
+        return [s for k, v in data.items() for s in _strings(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(data, (list, tuple)):
+        return [s for i, v in enumerate(data) for s in _strings(v, f"{path}.{i}")]
+    return []
+
 
 def format_validation_error(error: ValidationError, source: str) -> str:
     """One readable line per problem, each naming the field path."""
     lines = []
     for problem in error.errors():
-        field = ".".join(str(p) for p in problem["loc"]) or "(top level)"
         message = problem["msg"].removeprefix("Value error, ")
-        lines.append(f"{field}: {message}")
+        if problem["loc"]:
+            message = ".".join(str(p) for p in problem["loc"]) + f": {message}"
+        lines.append(message)
     return f"Invalid config {source}: " + "; ".join(lines)
 
 

@@ -11,6 +11,12 @@ right for COGs in buckets. Every option can be changed:
 3. overridden by explicit options per call (``gdal_env({"GDAL_HTTP_MAX_RETRY": "10"})``,
    ``clc-dask mosaic --gdal KEY=VALUE``).
 
+Credentials are never options here: ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+``GDAL_HTTP_HEADERS``, ``GDAL_HTTP_USERPWD``, ``AZURE_STORAGE_CONNECTION_STRING`` … (see
+:func:`clc_dask.redact.credential_options`) are refused, because options are recorded in
+``run.yaml``, STAC provenance and logs. Set them in the process environment, where GDAL
+reads them (also in Dask workers, which inherit it) and clc-dask never writes them.
+
 Catalogs whose georeference lives in ``.aux.xml`` sidecars (e.g. rasters re-encoded as
 JPEG2000 without embedded georeferencing) need ``GDAL_DISABLE_READDIR_ON_OPEN=NO``:
 with ``EMPTY_DIR`` GDAL never sees the sidecar and the raster has no CRS.
@@ -33,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from stackstac import LayeredEnv
 
 from clc_dask.errors import ConfigError
+from clc_dask.redact import credential_advice, credential_options, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -61,29 +68,55 @@ _KEY = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 
 def parse_gdal_options(pairs: Iterable[str]) -> dict[str, str]:
-    """Parse ``KEY=VALUE`` strings (as given to ``--gdal``) into a dict of GDAL options."""
+    """Parse ``KEY=VALUE`` strings (as given to ``--gdal``) into a dict of GDAL options.
+
+    Raises:
+        ConfigError: a pair is not ``KEY=VALUE``, or carries a credential (see the module
+            docstring; the message names the key, never the value).
+    """
     options: dict[str, str] = {}
-    for pair in pairs:
+    for number, pair in enumerate(pairs, start=1):
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not _KEY.match(key):
+            # show a name, never what may be a value (a secret typed without its KEY=)
+            shown = repr(key) if sep and re.fullmatch(r"\w+", key) else f"number {number}"
             raise ConfigError(
-                f"GDAL option {pair!r} is not KEY=VALUE with an upper-case GDAL config key, "
-                "e.g. `gdal` GDAL_DISABLE_READDIR_ON_OPEN=NO."
+                f"GDAL option {shown} in `gdal` is not KEY=VALUE with an upper-case GDAL config "
+                "key, e.g. GDAL_DISABLE_READDIR_ON_OPEN=NO."
             )
         options[key] = value.strip()
+    check_no_credentials(options)
     return options
 
 
+def check_no_credentials(options: Mapping[str, object]) -> None:
+    """Refuse GDAL ``options`` that carry credentials (by name or value).
+
+    Raises:
+        ConfigError: naming the keys (never their values) and pointing to environment variables.
+    """
+    refused = credential_options(options)
+    if refused:
+        raise ConfigError(f"GDAL option(s) in `gdal`: {credential_advice(refused)}.")
+
+
 def gdal_options(overrides: Mapping[str, object] | None = None) -> dict[str, str]:
-    """The effective options: defaults, then the process environment, then ``overrides``."""
+    """The effective options: defaults, then the process environment, then ``overrides``.
+
+    Raises:
+        ConfigError: an override is not an upper-case GDAL config key, or carries a
+            credential (set those as environment variables: GDAL reads them there).
+    """
     options = dict(DEFAULT_GDAL_OPTIONS)
     for key in list(options) + list(OPEN_OPTIONS):
         if key in os.environ:
             options[key] = os.environ[key]
-    for key, value in (overrides or {}).items():
+    for key in (overrides or {}):
         if not _KEY.match(str(key)):
-            raise ConfigError(f"GDAL option name {key!r} is not an upper-case GDAL config key.")
+            raise ConfigError(f"GDAL option name {key!r} in `gdal` is not an upper-case GDAL config key.")
+    check_no_credentials(overrides or {})
+    for key, value in (overrides or {}).items():
         options[str(key)] = _as_text(value)
     return options
 
@@ -100,7 +133,7 @@ def gdal_env(overrides: Mapping[str, object] | None = None) -> LayeredEnv:
     read_opts = {} if explicit_cache else dict(READ_OPTIONS)
     changed = {k: v for k, v in options.items() if DEFAULT_GDAL_OPTIONS.get(k) != v}
     if changed:
-        log.info("GDAL options changed from the defaults: %s", changed)
+        log.info("GDAL options changed from the defaults: %s", redact_text(str(changed)))
     return LayeredEnv(always=options, open=open_opts, read=read_opts)
 
 

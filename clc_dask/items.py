@@ -90,6 +90,10 @@ OFFSET_PROPERTY = "clc_dask:boa_offset"
 BOA_ADD_OFFSET = 1000
 #: Baseline 04.00 went live on 25 January 2022; used only when an item says nothing else.
 BASELINE_04_START = datetime(2022, 1, 25, tzinfo=UTC)
+#: Properties saying whether the baseline-04.00 offset was already removed from the COGs
+#: (Earth Search v1, v0), strongest first.
+OFFSET_APPLIED_FLAGS: tuple[str, ...] = ("earthsearch:boa_offset_applied", "sentinel:boa_offset_applied")
+_TRUE_TEXT, _FALSE_TEXT = "true", "false"
 
 _BASELINE_IN_ID = re.compile(r"_N(\d{2})(\d{2})_")
 
@@ -143,38 +147,77 @@ def boa_offset(item: pystac.Item) -> int:
     1000 when the scene was processed with baseline ≥ 04.00 and the offset is still in
     the pixels, 0 otherwise. Evidence, strongest first:
 
-    1. ``clc_dask:boa_offset`` (set by :func:`normalize_items`);
+    1. ``clc_dask:boa_offset`` (set by :func:`normalize_items`; set it yourself to override);
     2. ``earthsearch:boa_offset_applied`` / ``sentinel:boa_offset_applied`` (Earth Search
-       v1/v0): ``true`` means the COGs were already harmonised → 0, whatever
-       ``raster:bands`` says (Earth Search v1 ``sentinel-2-l2a`` items carry offset −0.1 in
-       ``raster:bands`` although the pixels no longer hold it: vegetation red is ~300 DN);
-       ``false`` → 1000 from baseline 04.00;
+       v1/v0), read by :func:`offset_applied_flag`: ``true`` means the COGs were already
+       harmonised → 0, whatever ``raster:bands`` says (Earth Search v1 ``sentinel-2-l2a``
+       items carry offset −0.1 in ``raster:bands`` although the pixels no longer hold it:
+       vegetation red is ~300 DN); ``false`` means the pixels are as ESA made them: 1000
+       from baseline 04.00 on, decided by the baseline or, without one, by the date as in 5.
+       (``raster:bands`` is not consulted then: Earth Search writes the same −0.1 on every
+       item, whatever its baseline);
     3. ``raster:bands`` scale/offset of a reflectance asset (Earth Search ``c1`` collections):
        offset −0.1 with scale 0.0001 → 1000;
     4. the processing baseline (Planetary Computer ``s2:processing_baseline``, or the
        ``_N0400_`` part of product ids) → 1000 from 04.00;
     5. nothing of the above: the acquisition date (baseline 04.00 began 2022-01-25), with
        a warning.
+
+    Raises:
+        InputError: an offset flag holds neither a boolean nor ``"true"``/``"false"``.
     """
     props = item.properties
     if OFFSET_PROPERTY in props:
         return int(props[OFFSET_PROPERTY])
     baseline = processing_baseline(item)
-    for flag in ("earthsearch:boa_offset_applied", "sentinel:boa_offset_applied"):
-        if flag in props:
-            if bool(props[flag]):
-                return 0
-            return BOA_ADD_OFFSET if baseline is None or baseline >= (4, 0) else 0
-    from_raster = _offset_from_raster_bands(item)
-    if from_raster is not None:
-        return from_raster
+    applied = offset_applied_flag(item)
+    if applied:
+        return 0
+    if applied is None:
+        from_raster = _offset_from_raster_bands(item)
+        if from_raster is not None:
+            return from_raster
     if baseline is not None:
         return BOA_ADD_OFFSET if baseline >= (4, 0) else 0
+    return _offset_from_date(item)
+
+
+def offset_applied_flag(item: pystac.Item) -> bool | None:
+    """The item's ``…:boa_offset_applied`` flag (:data:`OFFSET_APPLIED_FLAGS`), or None.
+
+    JSON booleans and the strings ``"true"``/``"false"`` (any case, surrounding spaces
+    ignored) are read as such; a missing flag or ``null`` gives None. Anything else is
+    refused rather than guessed: a wrong guess shifts every reflectance by 0.1.
+
+    Raises:
+        InputError: the flag holds another value (the item, property and value are named).
+    """
+    for flag in OFFSET_APPLIED_FLAGS:
+        value = item.properties.get(flag)
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in (_TRUE_TEXT, _FALSE_TEXT):
+            return value.strip().lower() == _TRUE_TEXT
+        raise InputError(
+            f"Item {item.id} has {flag} = {value!r}, which is neither true nor false, so it is "
+            "unknown whether the baseline-04.00 offset (1000 DN) is still in its pixels. Fix the "
+            f"item's {flag} (true: already removed, false: still in the pixels), remove the "
+            f"property to decide by processing baseline and date, or set {OFFSET_PROPERTY} "
+            "(DN to subtract: 0 or 1000) on the item."
+        )
+    return None
+
+
+def _offset_from_date(item: pystac.Item) -> int:
+    """The offset by acquisition date alone (baseline 04.00 began on 2022-01-25), with a warning."""
     when = item.datetime or item.common_metadata.start_datetime
     offset = BOA_ADD_OFFSET if when is not None and when >= BASELINE_04_START else 0
     log.warning(
-        "item %s gives no processing baseline or offset metadata: assuming offset %d DN from "
-        "its date %s", item.id, offset, when,
+        "item %s gives no processing baseline (nor a raster:bands offset, or its offset flag is "
+        "false): assuming offset %d DN from its date %s (baseline 04.00 began 2022-01-25)",
+        item.id, offset, when,
     )
     return offset
 

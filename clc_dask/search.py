@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import urlparse
 
 import geopandas as gpd
 import pystac
@@ -45,7 +45,7 @@ from urllib3.util.retry import Retry
 
 from clc_dask import __version__
 from clc_dask.errors import ConfigError, InputError, SearchError
-from clc_dask.redact import public_url, redact_text
+from clc_dask.redact import is_signed_url, public_url, redact_text, unsigned_url
 from clc_dask.seasons import Interval, format_interval, parse_interval, season_intervals
 from clc_dask.stores import atomic_path
 
@@ -311,7 +311,7 @@ def search_items(
     result = pystac.ItemCollection(items)
     if signer is not None and signer_name:
         result.extra_fields[SIGNER_FIELD] = signer_name
-    log.info("found %d item(s) in %s", len(items), text)
+    log.info("found %d item(s) in %s", len(items), _shown(text))
     return result
 
 
@@ -413,7 +413,7 @@ def _search_api(
     elif request.max_cloud is not None and server_filter == "filter":
         params["filter"] = {"op": "lte", "args": [{"property": "eo:cloud_cover"}, request.max_cloud]}
         params["filter_lang"] = "cql2-json"
-    log.info("searching %s (%s; cloud filter on the server: %s)", search_url, request.describe(),
+    log.info("searching %s (%s; cloud filter on the server: %s)", _shown(search_url), request.describe(),
              server_filter if request.max_cloud is not None else "none")
     received: list[dict[str, Any]] = []
     for interval in request.intervals or [None]:
@@ -430,7 +430,7 @@ def _search_api(
                 received.extend(page.get("features", []))
         except APIError as exc:
             raise SearchError(
-                f"The STAC API search at {search_url} failed: {_short(exc)}. Retries on 429/5xx "
+                f"The STAC API search at {_shown(search_url)} failed: {_short(exc)}. Retries on 429/5xx "
                 "were exhausted or the request was refused: check the URL, the collection "
                 f"({', '.join(collections) or 'all'}) and the filters, or try again later."
             ) from None
@@ -453,15 +453,15 @@ def _landing(url: str, stac_io: StacApiIO) -> tuple[str, str, list[str]]:
         landing = json.loads(stac_io.read_text(url))
     except APIError as exc:
         raise SearchError(
-            f"Cannot open the STAC API at {url}: {_short(exc)}. Check the URL (the API's root, "
+            f"Cannot open the STAC API at {_shown(url)}: {_short(exc)}. Check the URL (the API's root, "
             "not /search) and your connection."
         ) from None
     except json.JSONDecodeError as exc:
-        raise SearchError(f"{url} did not answer with JSON ({exc}): is it a STAC API?") from None
+        raise SearchError(f"{_shown(url)} did not answer with JSON ({exc}): is it a STAC API?") from None
     links = [link for link in landing.get("links", []) if link.get("rel") == "search"]
     if not links:
         raise SearchError(
-            f"{url} has no 'search' link: it is not a STAC API with item search. For a static "
+            f"{_shown(url)} has no 'search' link: it is not a STAC API with item search. For a static "
             "catalog give the catalog.json URL or path."
         )
     methods = {str(link.get("method")).upper() for link in links if link.get("method")}
@@ -470,7 +470,8 @@ def _landing(url: str, stac_io: StacApiIO) -> tuple[str, str, list[str]]:
     search_url = make_absolute_href((post or links)[0]["href"], url + "/", start_is_dir=True)
     conforms = [str(c) for c in landing.get("conformsTo", [])]
     if not conforms:
-        log.warning("%s lists no conformance classes: cloud cover is filtered on the client", url)
+        log.warning("%s lists no conformance classes: cloud cover is filtered on the client",
+                    _shown(url))
     return search_url, method, conforms
 
 
@@ -497,14 +498,20 @@ def _api_footprint(url: str, collections: list[str], stac_io: StacApiIO) -> Base
             for bb in data["extent"]["spatial"]["bbox"]:
                 boxes.append(shapely.geometry.box(*bb[:2], *bb[-2:]) if len(bb) == 6 else shapely.geometry.box(*bb))
         except Exception as exc:  # best effort, only to explain an empty result
-            log.debug("no extent for collection %s: %s", cid, exc)
+            log.debug("no extent for collection %s: %s", cid, _short(exc))
             return None
     return shapely.union_all(boxes) if boxes else None
 
 
 def _short(exc: Exception) -> str:
-    text = str(exc).strip().replace("\n", " ")
+    """An exception's text for a message: one line, at most 300 characters, redacted."""
+    text = redact_text(str(exc)).strip().replace("\n", " ")
     return text[:300] + ("…" if len(text) > 300 else "")
+
+
+def _shown(source: str) -> str:
+    """A source (path or URL) as it may be shown: URLs without query string or user info."""
+    return public_url(source) if "://" in str(source) else str(source)
 
 
 # --------------------------------------------------------------------------- static files
@@ -516,7 +523,7 @@ def _search_static(
         items = [i for i in items if i.collection_id in collections]
         if not items:
             raise SearchError(
-                f"{source} has no items in collection(s) {', '.join(collections)}: check "
+                f"{_shown(source)} has no items in collection(s) {', '.join(collections)}: check "
                 "`collection` (or leave it out to use all items)."
             )
     if request.geometry is not None and items:
@@ -538,14 +545,14 @@ def read_items(source: str | os.PathLike[str]) -> tuple[list[pystac.Item], dict[
     is_url = text.startswith(("http://", "https://"))
     if not is_url and not Path(text).exists():
         raise InputError(
-            f"{text} is neither a catalog preset ({', '.join(PRESETS)}), a STAC API URL, nor an "
+            f"{_shown(text)} is neither a catalog preset ({', '.join(PRESETS)}), a STAC API URL, nor an "
             "existing catalog/item-collection file: check `source`."
         )
     href = text if is_url else str(Path(text).resolve())
     try:
         data = pystac.StacIO.default().read_json(href)
     except Exception as exc:
-        raise InputError(f"Cannot read {text} as JSON: {exc}.") from exc
+        raise InputError(f"Cannot read {_shown(text)} as JSON: {_short(exc)}.") from None
     kind = data.get("type")
     if kind == "FeatureCollection":
         extra = {k: v for k, v in data.items() if k not in ("type", "features", "links")}
@@ -560,12 +567,12 @@ def read_items(source: str | os.PathLike[str]) -> tuple[list[pystac.Item], dict[
                 warnings.simplefilter("ignore")
                 found = list(root.get_items(recursive=True))  # type: ignore[attr-defined]
         except Exception as exc:
-            raise InputError(f"Cannot walk the STAC catalog {text}: {exc}.") from exc
+            raise InputError(f"Cannot walk the STAC catalog {_shown(text)}: {_short(exc)}.") from None
         items = [_item_from_dict(i.to_dict(transform_hrefs=False), i.get_self_href() or href)
                  for i in found]
         return items, {}
     raise InputError(
-        f"{text} is a JSON of type {kind!r}: give a STAC Catalog, Collection, FeatureCollection "
+        f"{_shown(text)} is a JSON of type {kind!r}: give a STAC Catalog, Collection, FeatureCollection "
         "(item collection) or Feature (item)."
     )
 
@@ -585,7 +592,8 @@ def _item_from_dict(data: dict[str, Any], location: str) -> pystac.Item:
     try:
         item = _parse_item(data)
     except Exception as exc:
-        raise InputError(f"Invalid STAC item {data.get('id', '?')} in {location}: {exc}.") from exc
+        raise InputError(f"Invalid STAC item {data.get('id', '?')} in {_shown(location)}: "
+                         f"{_short(exc)}.") from None
     return item
 
 
@@ -663,7 +671,7 @@ def _unique(items: Iterable[pystac.Item]) -> list[pystac.Item]:
 def _raise_outside(source: str, request: _Request, footprint: BaseGeometry) -> None:
     w, s, e, n = footprint.bounds
     raise SearchError(
-        f"The area ({request.describe().split(';')[0]}) lies outside {source}: its items cover "
+        f"The area ({request.describe().split(';')[0]}) lies outside {_shown(source)}: its items cover "
         f"lon {w:.4f}…{e:.4f}, lat {s:.4f}…{n:.4f}. Check `bbox`/`aoi` (west,south,east,north "
         "in degrees) or use a catalog that covers the area."
     )
@@ -683,7 +691,7 @@ def _raise_empty(source: str, request: _Request, n_found: int, report: Mapping[s
     removed = ", ".join(f"{n} by {k}" for k, n in report.items() if n)
     found = f"{n_found} item(s) came back, removed {removed}" if n_found else "no item matched"
     raise SearchError(
-        f"No scenes found in {source} for {request.describe()}: {found}. "
+        f"No scenes found in {_shown(source)} for {request.describe()}: {found}. "
         + ("To find some, " + " or ".join(hints) + "." if hints else "The catalog is empty.")
     )
 
@@ -717,34 +725,56 @@ def _sign(signer: Signer, item: pystac.Item) -> pystac.Item:
     try:
         signed = signer(item)
     except Exception as exc:
-        raise SearchError(f"Signing the asset URLs of item {item.id} failed: {exc}.") from exc
+        # not chained: the signer's own message may hold a token or key; ours is redacted
+        raise SearchError(
+            f"Signing the asset URLs of item {item.id} failed ({type(exc).__name__}: "
+            f"{_short(exc)}). Check the signer and its credentials (for Planetary Computer: "
+            "the planetary-computer package, its PC_SDK_SUBSCRIPTION_KEY environment variable "
+            "and the connection), or pass `sign`=False to read the URLs unsigned."
+        ) from None
     return item if signed is None else signed
 
 
-def _unsigned(href: str) -> str:
-    """``href`` without an Azure SAS token (they expire; a saved run re-signs)."""
-    parsed = urlparse(href)
-    if parsed.netloc.endswith(".blob.core.windows.net") and "sig=" in parsed.query:
-        return urlunparse(parsed._replace(query=""))
-    return href
-
-
 # --------------------------------------------------------------------------- saving
+def _strip_signatures(data: dict[str, Any]) -> int:
+    """Remove signed query strings from the hrefs of an item-collection dict, in place;
+    returns how many hrefs had one."""
+    stripped = 0
+    for holder in _href_holders(data):
+        href = holder.get("href")
+        if isinstance(href, str) and is_signed_url(href):
+            holder["href"] = unsigned_url(href)
+            stripped += 1
+    for feature in data.get("features", []):
+        feature.get("properties", {}).pop("msft:expiry", None)
+    return stripped
+
+
+def _href_holders(data: dict[str, Any]) -> Iterable[dict[str, Any]]:
+    """The asset and link objects of an item collection and its items."""
+    yield from data.get("links", [])
+    for feature in data.get("features", []):
+        yield from feature.get("assets", {}).values()
+        yield from feature.get("links", [])
+
+
 def save_item_collection(items: pystac.ItemCollection | Iterable[pystac.Item],
                          path: str | os.PathLike[str]) -> Path:
     """Write items as an item-collection JSON, atomically, so a run can be repeated offline.
 
-    Planetary Computer SAS tokens are removed (they expire after about an hour) and the
-    collection is marked, so that reading it back with :func:`search_items` signs again.
+    No credential is written: signed query strings (Planetary Computer SAS tokens ``sig=…``,
+    S3 ``X-Amz-Signature=…``, ``token=…``; see :func:`clc_dask.redact.unsigned_url`) and user
+    info are removed from every asset and link href, with ``msft:expiry``. A collection
+    signed by a known signer (Planetary Computer) stays marked, so that reading it back with
+    :func:`search_items` signs again; other signed hrefs must be signed again by the reader
+    (``sign`` of :func:`search_items`), which is logged.
     """
     collection = items if isinstance(items, pystac.ItemCollection) else pystac.ItemCollection(items)
     data = collection.to_dict(transform_hrefs=False)
-    signer = collection.extra_fields.get(SIGNER_FIELD)
-    if signer:
-        for feature in data["features"]:
-            for asset in feature.get("assets", {}).values():
-                asset["href"] = _unsigned(asset["href"])
-            feature.get("properties", {}).pop("msft:expiry", None)
+    stripped = _strip_signatures(data)
+    if stripped and not collection.extra_fields.get(SIGNER_FIELD):
+        log.warning("removed the signature (an expiring credential) from %d href(s) saved in %s: "
+                    "sign them again when reading (`sign`)", stripped, path)
     path = Path(path)
     with atomic_path(path, suffix=".json") as tmp:
         tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")

@@ -195,3 +195,93 @@ def test_proj_code_becomes_proj_epsg(shared_data):
     assert "proj:epsg" not in item.properties and item.properties["proj:code"] == "EPSG:32720"
     [new] = normalize_items([item])
     assert new.properties["proj:epsg"] == 32720
+
+
+# --------------------------------------------------------------------------- offset flag × baseline × date
+def _scene(baseline=None, when="2023-06-01", **props):
+    """A bare L2A item: no raster:bands, a baseline only where given, acquired on ``when``."""
+    from datetime import UTC, datetime
+
+    item = pystac.Item("S2B_33TWM_scene", {"type": "Point", "coordinates": [15.9, 46.4]},
+                       [15.9, 46.4, 15.9, 46.4], datetime.fromisoformat(when).replace(tzinfo=UTC),
+                       {"eo:cloud_cover": 1.0, **props})
+    if baseline is not None:
+        item.properties["s2:processing_baseline"] = baseline
+    for band in CANONICAL_BANDS:
+        item.add_asset(band, pystac.Asset(f"https://example.test/{band}.tif"))
+    return item
+
+
+FLAG_PROPERTIES = ["earthsearch:boa_offset_applied", "sentinel:boa_offset_applied"]
+#: flag value as found in an item → what it means (None: missing / null)
+FLAG_VALUES = {"true": True, "false": False, "'true'": "true", "'false'": "false", "'True'": "True",
+               "'FALSE'": "FALSE", "' false '": " false ", "missing": None}
+BASELINES = {"03.01": (3, 1), "04.00": (4, 0), "05.11": (5, 11), "unknown": None}
+DATES = ["2018-09-10", "2022-01-24", "2022-01-25", "2023-06-01"]
+
+
+def _says_applied(flag_value):
+    return flag_value is True or (isinstance(flag_value, str) and flag_value.strip().lower() == "true")
+
+
+def _expected_offset(flag_value, baseline, when):
+    if _says_applied(flag_value):
+        return 0  # the COGs were harmonised: nothing to subtract
+    if baseline is not None:
+        return 1000 if baseline >= (4, 0) else 0
+    return 1000 if when >= "2022-01-25" else 0
+
+
+@pytest.mark.parametrize("flag", FLAG_PROPERTIES)
+@pytest.mark.parametrize("value", list(FLAG_VALUES), ids=str)
+@pytest.mark.parametrize("baseline", list(BASELINES))
+@pytest.mark.parametrize("when", DATES)
+def test_offset_for_every_flag_baseline_and_date(flag, value, baseline, when, caplog):
+    """A false flag means "pixels as ESA made them": the baseline decides, else the date —
+    a 2018 scene never loses 1000 DN, and the string "false" is false."""
+    flag_value = FLAG_VALUES[value]
+    props = {} if flag_value is None else {flag: flag_value}
+    item = _scene(None if baseline == "unknown" else baseline, when, **props)
+    assert processing_baseline(item) == BASELINES[baseline]
+    with caplog.at_level(logging.WARNING, logger="clc_dask.items"):
+        offset = boa_offset(item)
+    assert offset == _expected_offset(flag_value, BASELINES[baseline], when)
+    [normalized] = normalize_items([item])
+    assert normalized.properties[OFFSET_PROPERTY] == offset
+    # a guess from the date alone is announced
+    guessed = baseline == "unknown" and not _says_applied(flag_value)
+    assert ("from its date" in caplog.text) == guessed
+
+
+def test_null_flag_counts_as_missing():
+    item = _scene("05.11", "2018-09-10", **{"earthsearch:boa_offset_applied": None})
+    assert boa_offset(item) == 1000  # the baseline decides
+
+
+@pytest.mark.parametrize("flag", FLAG_PROPERTIES)
+@pytest.mark.parametrize("value", ["yes", "", "0", 1, 0, 1.0, ["false"], {"applied": True}])
+def test_unreadable_flag_is_an_error_naming_item_and_property(flag, value):
+    item = _scene("05.11", **{flag: value})
+    with pytest.raises(InputError) as err:
+        normalize_items([item])
+    message = str(err.value)
+    assert "S2B_33TWM_scene" in message and flag in message and repr(value) in message
+    assert OFFSET_PROPERTY in message  # the way out: state the offset explicitly
+    # ... which is then obeyed
+    item.properties[OFFSET_PROPERTY] = 1000
+    assert boa_offset(item) == 1000
+
+
+def test_string_flags_on_real_earth_search_items(shared_data):
+    """Real Earth Search v1 item (baseline 05.11, raster:bands offset -0.1): the string
+    flags mean what they say, and a false flag on an old baseline is not overruled by the
+    -0.1 that Earth Search writes on every item."""
+    es = _items(shared_data, ES_V1)[0]
+    assert processing_baseline(es) == (5, 11)
+    assert boa_offset(_with(es, **{"earthsearch:boa_offset_applied": "false"})) == 1000
+    assert boa_offset(_with(es, **{"earthsearch:boa_offset_applied": "TRUE"})) == 0
+    old = _with(es, **{"earthsearch:boa_offset_applied": "False", "s2:processing_baseline": "03.01"})
+    assert boa_offset(old) == 0
+    v0 = _es_v0_item(shared_data)
+    assert boa_offset(_with(v0, **{"sentinel:boa_offset_applied": "false"})) == 1000
+    assert boa_offset(_with(v0, **{"sentinel:boa_offset_applied": "true"})) == 0

@@ -2,7 +2,9 @@
 
 Only the CLI configures logging and prints; library modules log. Any
 :class:`~clc_dask.errors.ClcDaskError` becomes a one-line ``Error: …`` and exit code 1;
-unknown commands or options exit with 2 (click's usage error).
+unknown commands or options exit with 2 (click's usage error). No secret is printed: every
+log record (of clc-dask and of the libraries, warnings included), error line and traceback
+passes through :mod:`clc_dask.redact` (signed URLs lose their query strings).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,6 +24,7 @@ import typer.models
 import typer.utils
 
 from clc_dask.errors import ClcDaskError
+from clc_dask.redact import install_log_redaction, redact_text
 
 app = typer.Typer(
     name="clc-dask",
@@ -47,6 +51,8 @@ def _main(
     logging.basicConfig(level=library_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("clc_dask").setLevel(level)
+    logging.captureWarnings(True)  # warnings become log records, redacted like the others
+    install_log_redaction()
     if verbose < 1:
         # distributed sets its loggers' levels from dask's config when imported (also in the
         # worker processes, which inherit the environment).
@@ -102,7 +108,7 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except ClcDaskError as exc:
-        typer.echo(f"Error: {exc}", err=True)
+        typer.echo(f"Error: {redact_text(str(exc))}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("Interrupted.", err=True)
@@ -118,4 +124,6 @@ def main() -> None:
         if hasattr(exc, "show") and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
-        raise
+        # an unexpected error: its traceback, as Python shows it, redacted
+        typer.echo(redact_text("".join(traceback.format_exception(exc))).rstrip(), err=True)
+        sys.exit(1)
