@@ -201,7 +201,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, scene):
     # zero usable patches: the message names the threshold to relax
     empty = write_geotiff(to_dataarray(np.zeros((4, 256, 256), np.uint16), grid(256), BANDS),
                           tmp_path / "empty.tif")
-    with pytest.raises(ConfigError, match=r"Zero usable patches.*--max-nodata-fraction"):
+    with pytest.raises(ConfigError, match=r"Zero usable patches.*`max_nodata_fraction`"):
         build_patch_index({"september": empty}, labels, patch_size=32)
     # label raster on another grid
     shifted = write_geotiff(to_dataarray(read(labels)[0], grid(256, (500100.0, 4500000.0))),
@@ -217,7 +217,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, scene):
     with pytest.raises(ConfigError, match="has no mosaic"):
         build_patch_index({"september": mosaics["september"]}, labels,
                           clear_counts={"april": mosaics["april"]})
-    with pytest.raises(ConfigError, match="--split-block"):
+    with pytest.raises(ConfigError, match="`split_block`"):
         build_patch_index(mosaics, labels, patch_size=128, split_block=2)
 
 
