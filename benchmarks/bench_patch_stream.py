@@ -47,7 +47,7 @@ from clc_dask.patches import (
 )
 from clc_dask.presets import get_preset
 from clc_dask.rasters import to_dataarray, write_geotiff
-from clc_dask.train import _amp_dtype
+from clc_dask.train.device import amp_dtype
 
 SPECTRA = {11: (1300, 1200, 1100, 1700), 21: (700, 900, 800, 3200), 31: (350, 550, 300, 3800),
            51: (500, 400, 250, 150)}
@@ -125,7 +125,7 @@ def main() -> None:
             torch.manual_seed(0)
             model = build_model(config.encoder, len(index.bands), len(index.classes), None,
                                 decoder_channels=config.decoder_channels).to(memory_format=torch.channels_last)
-            amp = _amp_dtype(config, torch.device("cpu"))
+            amp = amp_dtype(config, torch.device("cpu"))
             opt = torch.optim.Adam(model.parameters(), lr=config.lr)
             batches = [b for b, _ in zip(patch_loader(stream, config.batch_size), range(4), strict=False)]
             model_step(model, opt, *batches[0], amp=amp)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from clc_dask.errors import ConfigError
-from clc_dask.train import TrainConfig, make_train_config
+from clc_dask.train.config import TrainConfig, make_train_config
 
 _PAPER = {"encoder_weights": "imagenet", "epochs": 100, "lr": 1e-4, "val_fraction": 0.25}
 

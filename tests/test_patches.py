@@ -201,7 +201,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, scene):
     # zero usable patches: the message names the threshold to relax
     empty = write_geotiff(to_dataarray(np.zeros((4, 256, 256), np.uint16), grid(256), BANDS),
                           tmp_path / "empty.tif")
-    with pytest.raises(ConfigError, match=r"Zero usable patches.*--max-nodata-fraction"):
+    with pytest.raises(ConfigError, match=r"Zero usable patches.*`max_nodata_fraction`"):
         build_patch_index({"september": empty}, labels, patch_size=32)
     # label raster on another grid
     shifted = write_geotiff(to_dataarray(read(labels)[0], grid(256, (500100.0, 4500000.0))),
@@ -217,7 +217,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, scene):
     with pytest.raises(ConfigError, match="has no mosaic"):
         build_patch_index({"september": mosaics["september"]}, labels,
                           clear_counts={"april": mosaics["april"]})
-    with pytest.raises(ConfigError, match="--split-block"):
+    with pytest.raises(ConfigError, match="`split_block`"):
         build_patch_index(mosaics, labels, patch_size=128, split_block=2)
 
 
@@ -381,3 +381,52 @@ def test_index_from_a_demo_region_mosaic(tmp_path, demo_region):
     counts = idx.counts()
     assert counts["train"]["total"] + counts["val"]["total"] + counts["rejected"]["total"] == 64
     assert 0.15 <= counts["val"]["total"] / (counts["train"]["total"] + counts["val"]["total"]) <= 0.35
+
+
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``clc-dask ARGS`` as from a shell: exit code, stdout, stderr."""
+    import sys
+
+    from clc_dask.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["clc-dask", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_errors_name_the_options_of_library_parameters(tmp_path, scene, monkeypatch, capsys):
+    """The library names `split_block`; the command line shows --split-block, before writing anything."""
+    _, mosaics, labels = scene
+    with pytest.raises(ConfigError, match=r"lower `split_block` or `patch_size`"):
+        build_patch_index(mosaics, labels, patch_size=128, split_block=2)
+    code, _, err = run_main(monkeypatch, capsys, "patches", "--mosaic", f"september={mosaics['september']}",
+                            "--labels", labels, "--patch-size", "128", "--split-block", "2",
+                            "--out", tmp_path / "idx")
+    assert code == 1
+    assert "lower --split-block or --patch-size" in err and "`" not in err
+    assert not (tmp_path / "idx").exists()
+
+
+def test_cli_patches_on_a_scheduler_by_its_address_alias(tmp_path, scene, monkeypatch, capsys):
+    """--address (kept for scripts) and --scheduler compute on a running cluster and leave it running;
+    the index equals the one computed with threads in this process."""
+    from distributed import Client, LocalCluster
+
+    _, mosaics, labels = scene
+    local = build_patch_index({"september": mosaics["september"]}, labels, patch_size=32, split_block=2)
+    common = ["patches", "--mosaic", f"september={mosaics['september']}", "--labels", labels,
+              "--patch-size", "32", "--split-block", "2"]
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        for option in ("--address", "--scheduler"):
+            out = tmp_path / option.strip("-")
+            code, stdout, err = run_main(monkeypatch, capsys, *common, option, cluster.scheduler_address,
+                                         "--out", out)
+            assert code == 0, err
+            assert load_patch_index(out).fingerprint() == local.fingerprint()
+        with Client(cluster.scheduler_address) as client:  # the command closed only its own client
+            assert len(client.scheduler_info()["workers"]) == 1

@@ -221,7 +221,7 @@ def test_bad_inputs_fail_before_training(tmp_path, scene, index):
     _, mosaics, labels = scene
     out = tmp_path / "out"
     # a season of the preset without a mosaic
-    with pytest.raises(ConfigError, match=r"\['april'\] have no mosaic.*--mosaic april=PATH"):
+    with pytest.raises(ConfigError, match=r"\['april'\] have no mosaic.*`mosaics`"):
         train_from_mosaics(get_preset("septapr-nrg-r101-128"), mosaics, labels, out)
     # a label raster on another grid
     other = write_geotiff(to_dataarray(read(labels)[0], grid(128, (600000.0, 4500000.0))), tmp_path / "l.tif")
@@ -229,7 +229,7 @@ def test_bad_inputs_fail_before_training(tmp_path, scene, index):
         train_from_mosaics(small_config(index), mosaics, other, out)
     # zero usable patches
     empty = write_geotiff(to_dataarray(np.zeros((4, 128, 128), np.uint16), grid(128), BANDS), tmp_path / "e.tif")
-    with pytest.raises(ConfigError, match="max-nodata-fraction"):
+    with pytest.raises(ConfigError, match="`max_nodata_fraction`"):
         train_from_mosaics(small_config(index), {"september": empty}, labels, out)
     # unknown preset or encoder
     with pytest.raises(ConfigError, match="cpu-demo") as err:
@@ -244,7 +244,7 @@ def test_bad_inputs_fail_before_training(tmp_path, scene, index):
     run = tmp_path / "done"
     run.mkdir()
     (run / CHECKPOINT_FILE).write_bytes(b"x")
-    with pytest.raises(OutputError, match="--resume"):
+    with pytest.raises(OutputError, match="`resume`"):
         train(small_config(index), index, run)
     assert not out.exists()
 
@@ -299,10 +299,11 @@ def test_cli_train_resume_and_errors(tmp_path, scene, index):
     assert load_checkpoint(tmp_path / "light" / CHECKPOINT_FILE).decoder_channels == (32, 32, 16, 16, 8)
 
 
-def test_light_decoder_bf16_and_sqrt_class_weights(tmp_path, index):
+def test_light_decoder_bf16_and_sqrtclass_weights(tmp_path, index):
     """The CPU preset's settings: a lighter decoder recorded in the checkpoint, bf16 autocast on
     CPUs that have it, and class weights ∝ 1/√pixels (mean 1 over the classes present)."""
-    from clc_dask.train import _amp_dtype, _class_weights, cpu_has_bf16
+    from clc_dask.train.device import amp_dtype, cpu_has_bf16
+    from clc_dask.train.losses import class_weights
 
     config = small_config(index, epochs=1, decoder_channels=(64, 32, 16, 16, 8), amp="bf16",
                           class_weights="inverse-sqrt-frequency")
@@ -312,11 +313,11 @@ def test_light_decoder_bf16_and_sqrt_class_weights(tmp_path, index):
     assert ckpt.build_model().segmentation_head[0].in_channels == 8
     assert np.isfinite(result.history[0]["train_loss"])
     expected = torch.bfloat16 if cpu_has_bf16() else None
-    assert _amp_dtype(config, torch.device("cpu")) is expected
-    assert _amp_dtype(small_config(index), torch.device("cpu")) is None  # auto: CUDA only
+    assert amp_dtype(config, torch.device("cpu")) is expected
+    assert amp_dtype(small_config(index), torch.device("cpu")) is None  # auto: CUDA only
 
     pixels = index.class_statistics()["train_pixels"].to_numpy(dtype=float)
-    weights = _class_weights(index, 0.5).numpy()
+    weights = class_weights(index, 0.5).numpy()
     present = pixels > 0
     assert np.allclose(weights[present].mean(), 1.0) and (weights[~present] == 0).all()
     ratio = weights[present] * np.sqrt(pixels[present])
@@ -326,3 +327,68 @@ def test_light_decoder_bf16_and_sqrt_class_weights(tmp_path, index):
         make_train_config(config, decoder_channels=(64, 32))
     with pytest.raises(ConfigError, match="decoder channels \\[64, 32, 16, 16, 8\\]"):
         train(small_config(index), index, tmp_path / "ft", init_checkpoint=result.checkpoint)
+
+
+def test_cli_train_errors_name_its_options(tmp_path, scene, index, monkeypatch, capsys):
+    """The library names `resume`, `overwrite` and `out_dir`; the command shows --resume, --overwrite, --out."""
+    from test_patches import run_main
+
+    run = tmp_path / "done"
+    run.mkdir()
+    (run / CHECKPOINT_FILE).write_bytes(b"x")
+    code, _, err = run_main(monkeypatch, capsys, "train", "--patches", scene[0] / "index", "--out", run,
+                            "--device", "cpu", "--no-progress")
+    assert code == 1
+    assert "pass --resume to continue it, --overwrite to replace it, or choose another --out" in err
+    assert sorted(p.name for p in run.iterdir()) == [CHECKPOINT_FILE]
+
+
+def test_train_from_mosaics_refuses_a_finished_run_before_computing(tmp_path, scene, index):
+    _, mosaics, labels = scene
+    run = tmp_path / "done"
+    run.mkdir()
+    (run / CHECKPOINT_FILE).write_bytes(b"x")
+    with pytest.raises(OutputError, match="`resume`"):
+        train_from_mosaics(small_config(index), mosaics, labels, run)
+    assert not (run / "patches").exists(), "the patch index was computed and saved anyway"
+
+
+def test_no_import_cycle_among_patches_train_presets_and_their_commands():
+    """Module-level imports of clc_dask (any depth, including imports inside functions) form no
+    cycle through the patches and training modules, and training never imports the presets."""
+    import ast
+
+    import clc_dask
+
+    root = Path(clc_dask.__file__).parent
+    modules = {".".join(("clc_dask", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): p
+               for p in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("clc_dask"):
+                targets.add(node.module)
+                targets.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names if a.name.startswith("clc_dask"))
+        graph[name] = {t for t in targets if t in modules and t != name}
+    ours = {m for m in modules if m.startswith(("clc_dask.patches", "clc_dask.train", "clc_dask.presets",
+                                                 "clc_dask.cli.patches", "clc_dask.cli.train",
+                                                 "clc_dask.demo.training"))}
+    assert {"clc_dask.patches.index", "clc_dask.train.trainer", "clc_dask.presets"} <= ours
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                if nxt == goal:
+                    return True
+                seen.add(nxt)
+                todo.append(nxt)
+        return False
+
+    cycles = sorted(m for m in ours if reaches(m, m))
+    assert not cycles, f"import cycles through {cycles}"
+    train_modules = [m for m in ours if m.startswith("clc_dask.train")]
+    assert not any("clc_dask.presets" in graph[m] for m in train_modules)

@@ -5,27 +5,27 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from clc_dask.config import SEASONS
-from clc_dask.errors import ConfigError, OutputError
+from clc_dask.cluster import connect
+from clc_dask.errors import ConfigError
 from clc_dask.patches import (
     CACHE_STORE,
-    INDEX_FILE,
     SPLITS,
     PatchIndex,
-    build_patch_index,
-    cache_patches,
-    find_clear_count,
+    clear_counts_beside,
+    write_patch_index,
 )
+from clc_dask.seasons import SEASONS
 
 log = logging.getLogger(__name__)
 
 MOSAIC_HELP = "SEASON=PATH of a mosaic COG or Zarr store (repeat for several seasons, e.g. september=… april=…)."
 CLEAR_HELP = ("SEASON=PATH of a clear-count raster (default: the <mosaic>_clear_count.tif that "
               "clc-dask mosaic writes, if present).")
+SCHEDULER_HELP = "Dask scheduler address (default: DASK_SCHEDULER_ADDRESS, else threads in this process)."
 
 
 def parse_season_paths(values: Sequence[str] | None, option: str) -> dict[str, Path]:
@@ -42,26 +42,6 @@ def parse_season_paths(values: Sequence[str] | None, option: str) -> dict[str, P
             raise ConfigError(f"{option} gives season {season!r} twice: give one path per season.")
         out[season] = Path(path.strip())
     return out
-
-
-def clear_counts_for(mosaics: dict[str, Path], explicit: dict[str, Path], auto: bool = True) -> dict[str, Path]:
-    """Explicit clear-count rasters, else (when ``auto``) the ones written beside the mosaics."""
-    out = dict(explicit)
-    if auto:
-        for season, path in mosaics.items():
-            if season not in out and (found := find_clear_count(path)) is not None:
-                log.info("using clear counts %s for %s", found, season)
-                out[season] = found
-    return out
-
-
-def get_cli_client(address: str | None) -> Any | None:
-    """A client for ``--address`` (None: compute with threads in this process)."""
-    if not address:
-        return None
-    from clc_dask.cluster import get_client
-
-    return get_client(address, kind="address")
 
 
 def print_summary(index: PatchIndex) -> None:
@@ -85,16 +65,16 @@ def register(app: typer.Typer) -> None:
 
     @app.command("patches")
     def patches(
-        mosaic: Annotated[list[str], typer.Option("--mosaic", help=MOSAIC_HELP)],
+        mosaics: Annotated[list[str], typer.Option("--mosaic", help=MOSAIC_HELP)],
         labels: Annotated[Path, typer.Option("--labels", help="CLC code raster on the mosaics' grid "
                           "(clc-dask labels --like MOSAIC).")],
-        out: Annotated[Path, typer.Option("--out", help="Folder for the index (patch_index.json, "
-                       "patches.csv, class_stats.json/csv).")],
-        clear: Annotated[list[str] | None, typer.Option("--clear", help=CLEAR_HELP)] = None,
+        out_dir: Annotated[Path, typer.Option("--out", help="Folder for the index (patch_index.json, "
+                           "patches.csv, class_stats.json/csv).")],
+        clear_counts: Annotated[list[str] | None, typer.Option("--clear", help=CLEAR_HELP)] = None,
         patch_size: Annotated[int, typer.Option("--patch-size", help="Patch edge in px, a multiple "
                               "of 32 (paper: 128 or 256).")] = 256,
-        composite: Annotated[str | None, typer.Option("--composite", help="rgb, nrg, all or a band "
-                             "list (default: every band of the mosaic).")] = None,
+        bands: Annotated[str | None, typer.Option("--composite", help="rgb, nrg, all or a band "
+                         "list (default: every band of the mosaic).")] = None,
         level: Annotated[int, typer.Option("--level", help="CLC level of the classes.")] = 2,
         val_fraction: Annotated[float, typer.Option("--val-fraction", help="Validation share "
                                 "(paper ≈ 0.25).")] = 0.25,
@@ -108,28 +88,19 @@ def register(app: typer.Typer) -> None:
         max_unlabelled_fraction: Annotated[float, typer.Option("--max-unlabelled-fraction")] = 0.5,
         cache_zarr: Annotated[bool, typer.Option("--cache-zarr", help=f"Also write every usable "
                               f"patch to OUT/{CACHE_STORE} (read by clc-dask train --data zarr).")] = False,
-        address: Annotated[str | None, typer.Option("--address", help="Dask scheduler to use "
-                           "(default: threads in this process).")] = None,
+        scheduler: Annotated[str | None, typer.Option("--scheduler", "--address", help=SCHEDULER_HELP)] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing index.")] = False,
     ) -> None:
         """Cut mosaics into patches, reject no-data/cloud/unlabelled ones, split train/val by blocks."""
-        mosaics = parse_season_paths(mosaic, "--mosaic")
-        if (out / INDEX_FILE).exists() and not overwrite:
-            raise OutputError(f"{out} already holds a patch index: pass --overwrite or choose another --out.")
-        clear_counts = clear_counts_for(mosaics, parse_season_paths(clear, "--clear"))
-        client = get_cli_client(address)
-        try:
-            index = build_patch_index(
-                mosaics, labels, patch_size=patch_size, bands=composite, level=level,
+        season_mosaics = parse_season_paths(mosaics, "--mosaic")
+        clear = clear_counts_beside(season_mosaics, parse_season_paths(clear_counts, "--clear"))
+        with connect(scheduler) as client:
+            index = write_patch_index(
+                season_mosaics, labels, out_dir, patch_size=patch_size, bands=bands, level=level,
                 val_fraction=val_fraction, split_block=split_block, guard=guard, seed=seed,
                 max_nodata_fraction=max_nodata_fraction, max_cloud_fraction=max_cloud_fraction,
-                max_unlabelled_fraction=max_unlabelled_fraction, clear_counts=clear_counts, client=client,
+                max_unlabelled_fraction=max_unlabelled_fraction, clear_counts=clear,
+                cache_zarr=cache_zarr, overwrite=overwrite, client=client,
             )
-            index.save(out)
-            if cache_zarr:
-                cache_patches(index, out / CACHE_STORE, client=client, overwrite=overwrite)
-        finally:
-            if client is not None:
-                client.close()
         print_summary(index)
-        typer.echo(f"\nPatch index written to {out}")
+        typer.echo(f"\nPatch index written to {out_dir}")

@@ -4,29 +4,22 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from clc_dask.cli.patches import (
-    CLEAR_HELP,
-    MOSAIC_HELP,
-    clear_counts_for,
-    get_cli_client,
-    parse_season_paths,
-)
+from clc_dask.cli.patches import CLEAR_HELP, MOSAIC_HELP, SCHEDULER_HELP, parse_season_paths
+from clc_dask.cluster import connect
 from clc_dask.errors import ConfigError
-from clc_dask.patches import load_patch_index
+from clc_dask.patches import clear_counts_beside, load_patch_index
 from clc_dask.presets import get_preset, preset_names
 from clc_dask.train import (
     TrainConfig,
     TrainResult,
-    check_index,
-    check_out_dir,
     config_for_index,
-    index_for_config,
     make_train_config,
     train,
+    train_from_mosaics,
 )
 
 log = logging.getLogger(__name__)
@@ -45,7 +38,9 @@ def print_result(result: TrainResult) -> None:
     typer.echo(f"Checkpoint {result.checkpoint}; best {result.best_checkpoint}; metrics {result.metrics_csv}")
 
 
-def _channels(text: str) -> tuple[int, ...]:
+def _channels(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
     try:
         return tuple(int(c) for c in text.split(",") if c.strip())
     except ValueError:
@@ -53,21 +48,43 @@ def _channels(text: str) -> tuple[int, ...]:
                           "e.g. 128,64,32,16,8.") from None
 
 
+def _check_data_options(patches: Path | None, mosaics: list[str] | None, labels: Path | None,
+                        preset: str | None, composite: str | None, patch_size: int | None) -> None:
+    """The options that choose the training data go together (checked before any work)."""
+    if (patches is None) == (not mosaics):
+        raise ConfigError("Give the training data: either --patches INDEX_DIR or --mosaic SEASON=PATH "
+                          "(with --labels), not both or neither.")
+    if mosaics and labels is None:
+        raise ConfigError("--mosaic needs --labels LABELS.tif (the CLC code raster on the same grid).")
+    if patches is not None and (composite or patch_size):
+        raise ConfigError("--composite/--patch-size apply to --mosaic; a patch index has them "
+                          "fixed (rebuild it with clc-dask patches to change them).")
+    if preset and (composite or patch_size):
+        raise ConfigError("--composite/--patch-size conflict with --preset, which fixes them: "
+                          "drop them or the preset.")
+
+
+def _config(base: TrainConfig, settings: dict[str, Any], no_weights: bool) -> TrainConfig:
+    """``base`` with the command's settings; ``--encoder-weights none`` clears a preset's weights."""
+    config = make_train_config(base, **settings)
+    return config.model_copy(update={"encoder_weights": None}) if no_weights else config
+
+
 def register(app: typer.Typer) -> None:
     """Add the `train` command to `app`."""
 
     @app.command("train")
     def train_command(
-        out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoint.pt, best.pt, "
-                       "metrics.csv, metrics.json.")],
+        out_dir: Annotated[Path, typer.Option("--out", help="Run folder: checkpoint.pt, best.pt, "
+                           "metrics.csv, metrics.json.")],
         preset: Annotated[str | None, typer.Option("--preset", help="A named configuration: "
                           + ", ".join(preset_names()) + ".")] = None,
         patches: Annotated[Path | None, typer.Option("--patches", help="Patch index folder "
                            "(clc-dask patches --out).")] = None,
-        mosaic: Annotated[list[str] | None, typer.Option("--mosaic", help=MOSAIC_HELP + " Instead "
-                          "of --patches: the index is built with the preset's settings.")] = None,
+        mosaics: Annotated[list[str] | None, typer.Option("--mosaic", help=MOSAIC_HELP + " Instead "
+                           "of --patches: the index is built with the preset's settings.")] = None,
         labels: Annotated[Path | None, typer.Option("--labels", help="CLC code raster (with --mosaic).")] = None,
-        clear: Annotated[list[str] | None, typer.Option("--clear", help=CLEAR_HELP)] = None,
+        clear_counts: Annotated[list[str] | None, typer.Option("--clear", help=CLEAR_HELP)] = None,
         composite: Annotated[str | None, typer.Option("--composite", help="rgb, nrg or all "
                              "(with --mosaic and no preset; default nrg).")] = None,
         patch_size: Annotated[int | None, typer.Option("--patch-size", help="Patch edge in px "
@@ -98,60 +115,35 @@ def register(app: typer.Typer) -> None:
         val_every: Annotated[int | None, typer.Option("--val-every", min=1)] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt "
                           "(same settings; --epochs may grow).")] = False,
-        init: Annotated[Path | None, typer.Option("--init", help="Start from this checkpoint's "
-                        "weights (fine-tuning; bands and classes must match).")] = None,
-        address: Annotated[str | None, typer.Option("--address", help="Dask scheduler to stream "
-                           "patches from (default: threads in this process).")] = None,
+        init_checkpoint: Annotated[Path | None, typer.Option("--init", help="Start from this checkpoint's "
+                                   "weights (fine-tuning; bands and classes must match).")] = None,
+        scheduler: Annotated[str | None, typer.Option("--scheduler", "--address", help=SCHEDULER_HELP)] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run in --out.")] = False,
         progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar "
                             "(default: on a terminal).")] = None,
     ) -> None:
         """Train a U-Net/ResNet (Adam) and write checkpoints and per-epoch metrics."""
-        if (patches is None) == (not mosaic):
-            raise ConfigError("Give the training data: either --patches INDEX_DIR or --mosaic SEASON=PATH "
-                              "(with --labels), not both or neither.")
-        if mosaic and labels is None:
-            raise ConfigError("--mosaic needs --labels LABELS.tif (the CLC code raster on the same grid).")
+        _check_data_options(patches, mosaics, labels, preset, composite, patch_size)
         no_weights = encoder_weights is not None and encoder_weights.lower() == "none"
-        if no_weights:
-            encoder_weights = None
-        overrides = dict(epochs=epochs, batch_size=batch_size, lr=lr, encoder=encoder,
-                         encoder_weights=encoder_weights, loss=loss, class_weights=class_weights,
-                         augment=augment, seed=seed, device=device, data=data, num_workers=num_workers,
-                         val_every=val_every, amp=amp,
-                         decoder_channels=_channels(decoder_channels) if decoder_channels else None)
-        base: TrainConfig | None = get_preset(preset) if preset else None
-        check_out_dir(out, resume=resume, overwrite=overwrite)
-        client = get_cli_client(address)
-        try:
-            if patches is not None:
-                if composite or patch_size:
-                    raise ConfigError("--composite/--patch-size apply to --mosaic; a patch index has them "
-                                      "fixed (rebuild it with clc-dask patches to change them).")
-                index = load_patch_index(patches)
-                if base is None:
-                    config = config_for_index(index, **overrides)
-                else:
-                    config = make_train_config(base, **overrides)
-                    check_index(config, index)
-            else:
-                mosaics = parse_season_paths(mosaic, "--mosaic")
-                if base is None:
-                    base = make_train_config(None, seasons=tuple(mosaics), composite=composite or "nrg",
-                                             patch_size=patch_size or 256)
-                elif composite or patch_size:
-                    raise ConfigError("--composite/--patch-size conflict with --preset, which fixes them: "
-                                      "drop them or the preset.")
-                config = make_train_config(base, **overrides)
-                clear_counts = clear_counts_for({s: p for s, p in mosaics.items() if s in config.seasons},
-                                                parse_season_paths(clear, "--clear"))
-                index = index_for_config(config, mosaics, labels, clear_counts=clear_counts, client=client)
-                index.save(out / "patches")
-            if no_weights:
-                config = config.model_copy(update={"encoder_weights": None})
-            result = train(config, index, out, resume=resume, init_checkpoint=init, client=client,
-                           progress=progress, overwrite=overwrite)
-        finally:
-            if client is not None:
-                client.close()
+        settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, encoder=encoder,
+                        encoder_weights=None if no_weights else encoder_weights, loss=loss,
+                        class_weights=class_weights, augment=augment, seed=seed, device=device, data=data,
+                        num_workers=num_workers, val_every=val_every, amp=amp,
+                        decoder_channels=_channels(decoder_channels))
+        base = get_preset(preset) if preset else None
+        run = dict(resume=resume, init_checkpoint=init_checkpoint, progress=progress, overwrite=overwrite)
+        if patches is not None:
+            index = load_patch_index(patches)
+            config = _config(base or config_for_index(index), settings, no_weights)
+            with connect(scheduler) as client:
+                result = train(config, index, out_dir, client=client, **run)
+        else:
+            season_mosaics = parse_season_paths(mosaics, "--mosaic")
+            config = _config(base or make_train_config(seasons=tuple(season_mosaics), composite=composite or "nrg",
+                                                       patch_size=patch_size or 256), settings, no_weights)
+            clear = clear_counts_beside({s: p for s, p in season_mosaics.items() if s in config.seasons},
+                                        parse_season_paths(clear_counts, "--clear"))
+            with connect(scheduler) as client:
+                result = train_from_mosaics(config, season_mosaics, labels, out_dir, clear_counts=clear,
+                                            client=client, **run)
         print_result(result)

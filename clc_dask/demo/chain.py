@@ -110,7 +110,7 @@ def step_labels(ctx: DemoContext) -> dict[str, Any]:
 
 def step_train(ctx: DemoContext) -> dict[str, Any]:
     """Train the CPU demo preset on the region outside the held-out strip."""
-    from clc_dask.train import train_demo
+    from clc_dask.demo.training import train_demo
 
     paths = ctx.outputs
     mosaics = {DEMO_SEASON: paths["mosaics"][DEMO_SEASON]}
