@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -186,9 +186,20 @@ def connect(
     try:
         yield client
     finally:
-        client.close()
-        if started is not None:
-            started.close()
+        close_quietly(client, started)
+
+
+def close_quietly(client: Client, cluster: Any = None) -> None:
+    """Close a client and the cluster it started. A slow shutdown (workers that take long to
+    stop on a loaded machine) is logged, not raised: the work is done by then."""
+    for closing in (client, cluster):
+        if closing is None:
+            continue
+        try:
+            closing.close()
+        except (TimeoutError, OSError, RuntimeError) as exc:
+            log.warning("closing %s took too long or failed (%s: %s); its processes are being stopped",
+                        type(closing).__name__, type(exc).__name__, exc)
 
 
 def connect_for_run(settings: ClusterConfig, scheduler: str | None = None) -> contextlib.AbstractContextManager[Client | None]:

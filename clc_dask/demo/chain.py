@@ -31,6 +31,7 @@ import yaml
 
 from clc_dask.cluster import connect
 from clc_dask.config import parse_run_config
+from clc_dask.demo.training import train_demo
 from clc_dask.evaluate import evaluate, write_report
 from clc_dask.generalize import generalize_file
 from clc_dask.labels import make_labels, write_labels
@@ -110,8 +111,6 @@ def step_labels(ctx: DemoContext) -> dict[str, Any]:
 
 def step_train(ctx: DemoContext) -> dict[str, Any]:
     """Train the CPU demo preset on the region outside the held-out strip."""
-    from clc_dask.demo.training import train_demo
-
     paths = ctx.outputs
     mosaics = {DEMO_SEASON: paths["mosaics"][DEMO_SEASON]}
     result = train_demo(mosaics, paths["train_labels"], _folders(ctx)["model"], client=_client(ctx),
