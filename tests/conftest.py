@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 from real_data import DATA, require_files
 
+# Helpers whose asserts report like a test's own (they check what tests hand them).
+pytest.register_assert_rewrite("deploy_support")
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
