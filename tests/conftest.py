@@ -1,7 +1,10 @@
-"""Shared test fixtures: the real data in tests/data, and the demo region and its servers."""
+"""Shared test fixtures: the real data in tests/data, the demo region and its servers, and
+``run_cli``, which runs the ``clc-dask`` command in the test's process."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,3 +44,34 @@ def demo_servers(demo_region):
 
     with serve_region(demo_region) as servers:
         yield servers
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def exit_status(exc: SystemExit) -> int:
+    """The status a shell sees for ``exc``: ``None`` is 0, a message (not an int) is 1."""
+    if exc.code is None:
+        return 0
+    return exc.code if isinstance(exc.code, int) else 1
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
+    """``run_cli(*args)`` runs ``clc-dask ARGS…`` through its entry point (``clc_dask.cli.main``,
+    which turns errors into one line and an exit code) in this process, and returns
+    ``(exit status, stdout, stderr)`` of that call. Arguments may be paths or numbers."""
+    from clc_dask.cli import main  # imports torch: only the tests that run the CLI pay for it
+
+    def run(*args: object) -> tuple[int, str, str]:
+        capsys.readouterr()  # what the test printed before is not the command's output
+        monkeypatch.setattr(sys, "argv", ["clc-dask", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exit_status(exc)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
