@@ -1,22 +1,26 @@
-"""Shared test fixtures: paths to the real data in ../shared/data and tiny grids."""
+"""Shared test fixtures: the real data in tests/data, the demo region and its servers, and
+``run_cli``, which runs the ``clc-dask`` command in the test's process."""
 
 from __future__ import annotations
 
-import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from real_data import DATA, require_files
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("CLC_DASK_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# Helpers whose asserts report like a test's own (they check what tests hand them).
+pytest.register_assert_rewrite("deploy_support")
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The real data folder (../shared/data); tests needing it skip clearly if absent."""
-    if not SHARED_DATA.exists():
-        pytest.skip(f"real test data not found at {SHARED_DATA} (set CLC_DASK_SHARED_DATA)")
-    return SHARED_DATA
+    """The real data folder, tests/data (sources and licences in its README.md).
+
+    A test that needs it fails, naming the files, when any listed data file is missing.
+    """
+    return require_files(DATA)
 
 
 # --- offline demo region (clc_dask.demo) -------------------------------------------------------
@@ -40,3 +44,34 @@ def demo_servers(demo_region):
 
     with serve_region(demo_region) as servers:
         yield servers
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def exit_status(exc: SystemExit) -> int:
+    """The status a shell sees for ``exc``: ``None`` is 0, a message (not an int) is 1."""
+    if exc.code is None:
+        return 0
+    return exc.code if isinstance(exc.code, int) else 1
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys) -> Callable[..., tuple[int, str, str]]:
+    """``run_cli(*args)`` runs ``clc-dask ARGS…`` through its entry point (``clc_dask.cli.main``,
+    which turns errors into one line and an exit code) in this process, and returns
+    ``(exit status, stdout, stderr)`` of that call. Arguments may be paths or numbers."""
+    from clc_dask.cli import main  # imports torch: only the tests that run the CLI pay for it
+
+    def run(*args: object) -> tuple[int, str, str]:
+        capsys.readouterr()  # what the test printed before is not the command's output
+        monkeypatch.setattr(sys, "argv", ["clc-dask", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exit_status(exc)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

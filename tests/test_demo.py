@@ -470,42 +470,29 @@ def test_run_demo_steps(tmp_path):
 
 # --- the command line ----------------------------------------------------------------------------
 
-def run_cli(monkeypatch, capsys, *args):
-    from clc_dask.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["clc-dask", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_cli_demo_builds_serves_and_searches(tmp_path, monkeypatch, capsys):
-    code, out, err = run_cli(monkeypatch, capsys, "demo", "--workdir", str(tmp_path / "w"),
+def test_cli_demo_builds_serves_and_searches(tmp_path, run_cli):
+    code, out, err = run_cli("demo", "--workdir", str(tmp_path / "w"),
                              "--size", "256", "--seed", "3", "--until", "search")
     assert code == 0, err
     assert "Region built" in out and "found 12 items" in out and "STAC API: http://127.0.0.1:" in out
     assert (tmp_path / "w" / "region.json").is_file()
 
 
-def test_cli_demo_errors(tmp_path, monkeypatch, capsys):
-    code, _, err = run_cli(monkeypatch, capsys, "demo", "--no-such-option")
+def test_cli_demo_errors(tmp_path, run_cli):
+    code, _, err = run_cli("demo", "--no-such-option")
     assert code == 2 and "No such option" in err
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    code, out, err = run_cli(monkeypatch, capsys, "demo", "--workdir", str(blocker / "w"), "--size", "256")
+    code, out, err = run_cli("demo", "--workdir", str(blocker / "w"), "--size", "256")
     assert code == 1 and err.startswith("Error: ") and len(err.strip().splitlines()) == 1
     assert "workdir" in err and blocker.read_text() == "not a folder"
-    code, _, err = run_cli(monkeypatch, capsys, "demo", "--workdir", str(tmp_path / "s"), "--size", "1000")
+    code, _, err = run_cli("demo", "--workdir", str(tmp_path / "s"), "--size", "1000")
     assert code == 1 and "multiple of 64" in err and not (tmp_path / "s").exists()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        code, _, err = run_cli(monkeypatch, capsys, "demo", "--workdir", str(tmp_path / "p"),
+        code, _, err = run_cli("demo", "--workdir", str(tmp_path / "p"),
                                "--size", "256", "--data-port", str(port))
     assert code == 1 and f"Port {port}" in err and "--data-port" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "p").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import dask.array as da
@@ -16,7 +15,6 @@ from affine import Affine
 from odc.geo.geobox import GeoBox
 
 from clc_dask import classes
-from clc_dask.cli import main
 from clc_dask.errors import ConfigError, GridMismatchError, InputError
 from clc_dask.grid import assert_same_grid, grid_of_raster, snapped_geobox
 from clc_dask.labels import label_raster, write_labels
@@ -368,22 +366,16 @@ def test_written_file_has_codes_nodata_colour_table_crs_and_transform(lanjaron, 
 # --------------------------------------------------------------------------- CLI
 
 
-def _cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["clc-dask", "-q", "labels", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+def _cli(run_cli, *args: str) -> tuple[int, str]:
+    """``clc-dask -q labels ARGS…``: exit code and everything it printed."""
+    code, out, err = run_cli("-q", "labels", *args)
+    return code, out + err
 
 
-def test_cli_writes_labels_on_an_explicit_grid_and_like_a_raster(lanjaron, tmp_path, monkeypatch,
-                                                                 capsys):
+def test_cli_writes_labels_on_an_explicit_grid_and_like_a_raster(lanjaron, tmp_path, run_cli):
     path, gdf, _ = lanjaron
     out = tmp_path / "l2.tif"
-    code, text = _cli(monkeypatch, capsys, "--source", str(path), "--layer", "clc", "--epsg",
+    code, text = _cli(run_cli, "--source", str(path), "--layer", "clc", "--epsg",
                       "25830", "--resolution", "50", "--bounds", "455000,4085000,460000,4090000",
                       "--chunk-size", "64", "--out", str(out))
     assert code == 0, text
@@ -399,7 +391,7 @@ def test_cli_writes_labels_on_an_explicit_grid_and_like_a_raster(lanjaron, tmp_p
     np.testing.assert_array_equal(l2, expected)
 
     again = tmp_path / "l3.tif"
-    code, text = _cli(monkeypatch, capsys, "--source", str(path), "--like", str(out), "--level",
+    code, text = _cli(run_cli, "--source", str(path), "--like", str(out), "--level",
                       "3", "--out", str(again))
     assert code == 0, text
     with rasterio.open(again) as src:
@@ -422,7 +414,7 @@ def _write_bad_vectors(gdf: gpd.GeoDataFrame, tmp_path) -> dict[str, object]:
     }
 
 
-def test_cli_bad_input_fails_clearly_and_writes_nothing(lanjaron, tmp_path, monkeypatch, capsys):
+def test_cli_bad_input_fails_clearly_and_writes_nothing(lanjaron, tmp_path, run_cli):
     path, gdf, _ = lanjaron
     grid = ["--epsg", "25830", "--resolution", "100", "--bounds", "453000,4081000,466000,4100000"]
     cases = _write_bad_vectors(gdf, tmp_path)
@@ -435,7 +427,7 @@ def test_cli_bad_input_fails_clearly_and_writes_nothing(lanjaron, tmp_path, monk
         out = tmp_path / "out" / f"{name}.tif"
         args = grid if name != "no overlap" else [
             "--epsg", "25830", "--bounds", "100000,4081000,101000,4082000"]
-        code, text = _cli(monkeypatch, capsys, "--source", str(source), *args, "--out", str(out))
+        code, text = _cli(run_cli, "--source", str(source), *args, "--out", str(out))
         assert code == 1, (name, text)
         assert text.startswith("Error: "), text
         for needle in needles:
@@ -444,7 +436,7 @@ def test_cli_bad_input_fails_clearly_and_writes_nothing(lanjaron, tmp_path, monk
         assert not out.parent.exists() or not any(out.parent.iterdir()), name
 
 
-def test_api_errors_for_grid_options_and_existing_output(lanjaron, tmp_path, monkeypatch, capsys):
+def test_api_errors_for_grid_options_and_existing_output(lanjaron, tmp_path, run_cli):
     path, _, geobox = lanjaron
     with pytest.raises(InputError, match="does not exist"):
         label_raster(tmp_path / "missing.gpkg", geobox)
@@ -465,15 +457,15 @@ def test_api_errors_for_grid_options_and_existing_output(lanjaron, tmp_path, mon
         grid_of_raster(tmp_path / "nocrs.tif")
     out = tmp_path / "exists.tif"
     out.write_bytes(b"keep me")
-    code, text = _cli(monkeypatch, capsys, "--source", str(path), "--epsg", "25830",
+    code, text = _cli(run_cli, "--source", str(path), "--epsg", "25830",
                       "--bounds", "455000,4085000,456000,4086000", "--out", str(out))
     assert code == 1 and "--overwrite" in text and out.read_bytes() == b"keep me"
-    code, text = _cli(monkeypatch, capsys, "--source", str(path), "--out", str(tmp_path / "a.tif"))
+    code, text = _cli(run_cli, "--source", str(path), "--out", str(tmp_path / "a.tif"))
     assert code == 1 and "No target grid" in text
-    code, text = _cli(monkeypatch, capsys, "--source", str(path), "--like", str(path), "--epsg",
+    code, text = _cli(run_cli, "--source", str(path), "--like", str(path), "--epsg",
                       "25830", "--out", str(tmp_path / "a.tif"))
     assert code == 1 and "either --like or --epsg" in text
-    code, text = _cli(monkeypatch, capsys, "--source", str(path), "--epsg", "25830", "--bounds",
+    code, text = _cli(run_cli, "--source", str(path), "--epsg", "25830", "--bounds",
                       "1,2,3", "--out", str(tmp_path / "a.tif"))
     assert code == 1 and "LEFT,BOTTOM,RIGHT,TOP" in text
     assert not (tmp_path / "a.tif").exists()

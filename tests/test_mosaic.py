@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import warnings
 
 import dask
@@ -275,17 +274,6 @@ def test_unreadable_asset_is_named_after_retries(shared_data, tmp_path, caplog):
 
 
 # --------------------------------------------------------------------------- CLI
-def _run_cli(args, capsys, monkeypatch):
-    from clc_dask.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["clc-dask", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
 def test_cli_defaults_mirror_the_library():
     from clc_dask import load
     from clc_dask.cli import mosaic as cli_mosaic
@@ -299,11 +287,10 @@ def _twm_cli_args(shared_data, out, *extra):
             "--resolution", "120", "--out", out, "--chunk-size", "512", *extra]
 
 
-def test_cli_mosaic_writes_cog_count_and_items(shared_data, tmp_path, twm, capsys, monkeypatch):
+def test_cli_mosaic_writes_cog_count_and_items(shared_data, tmp_path, twm, run_cli):
     out = tmp_path / "aug" / "mosaic.tif"
-    code, stdout, stderr = _run_cli(_twm_cli_args(shared_data, out, "--gdal",
-                                                  "GDAL_DISABLE_READDIR_ON_OPEN=NO"),
-                                    capsys, monkeypatch)
+    code, stdout, stderr = run_cli(*_twm_cli_args(shared_data, out, "--gdal",
+                                                  "GDAL_DISABLE_READDIR_ON_OPEN=NO"))
     assert code == 0, stderr
     assert "rgb mosaic (B04, B03, B02) of 5 date(s), 375×390 px, EPSG:32633, 120 m" in stdout
     assert sorted(p.name for p in out.parent.iterdir()) == ["mosaic.items.json", "mosaic.tif",
@@ -317,16 +304,15 @@ def test_cli_mosaic_writes_cog_count_and_items(shared_data, tmp_path, twm, capsy
     assert len(saved) == 5
     # the saved collection repeats the run offline
     again = tmp_path / "again.zarr"
-    code, _, stderr = _run_cli(["mosaic", "--items", out.parent / "mosaic.items.json", "--bbox",
-                                ",".join(map(str, TWM_BBOX)), "--composite", "rgb", "--epsg", "32633",
-                                "--resolution", "120", "--out", again, "--format", "zarr",
-                                "--gdal", "GDAL_DISABLE_READDIR_ON_OPEN=NO", "--chunk-size", "512"],
-                               capsys, monkeypatch)
+    code, _, stderr = run_cli("mosaic", "--items", out.parent / "mosaic.items.json", "--bbox",
+                              ",".join(map(str, TWM_BBOX)), "--composite", "rgb", "--epsg", "32633",
+                              "--resolution", "120", "--out", again, "--format", "zarr",
+                              "--gdal", "GDAL_DISABLE_READDIR_ON_OPEN=NO", "--chunk-size", "512")
     assert code == 0, stderr
     np.testing.assert_array_equal(xr.open_zarr(again)["reflectance"].values, expected)
 
 
-def test_cli_mosaic_bad_input_writes_nothing(shared_data, tmp_path, capsys, monkeypatch):
+def test_cli_mosaic_bad_input_writes_nothing(shared_data, tmp_path, run_cli):
     out = tmp_path / "m.tif"
     # an item without SCL
     collection = json.loads(json.dumps(
@@ -335,26 +321,25 @@ def test_cli_mosaic_bad_input_writes_nothing(shared_data, tmp_path, capsys, monk
     (tmp_path / "in").mkdir()
     items_file = tmp_path / "in" / "items.json"
     items_file.write_text(json.dumps(collection))
-    code, _, stderr = _run_cli(["mosaic", "--items", items_file, "--bbox", ",".join(map(str, TWM_BBOX)),
-                                "--composite", "rgb", "--resolution", "120", "--out", out],
-                               capsys, monkeypatch)
+    code, _, stderr = run_cli("mosaic", "--items", items_file, "--bbox", ",".join(map(str, TWM_BBOX)),
+                              "--composite", "rgb", "--resolution", "120", "--out", out)
     assert code == 1
     assert "has no SCL asset" in stderr and collection["features"][1]["id"] in stderr
     # nothing found
-    code, _, stderr = _run_cli(_twm_cli_args(shared_data, out, "--max-cloud", "0.1"), capsys, monkeypatch)
+    code, _, stderr = run_cli(*_twm_cli_args(shared_data, out, "--max-cloud", "0.1"))
     assert code == 1 and "No scenes found" in stderr
     # area outside the catalog
-    code, _, stderr = _run_cli(["mosaic", "--source", shared_data / TWM_CATALOG, "--bbox",
-                                "2.0,41.0,2.2,41.2", "--out", out, "--resolution", "120",
-                                "--season", "july", "--year", "2023"], capsys, monkeypatch)
+    code, _, stderr = run_cli("mosaic", "--source", shared_data / TWM_CATALOG, "--bbox",
+                              "2.0,41.0,2.2,41.2", "--out", out, "--resolution", "120",
+                              "--season", "july", "--year", "2023")
     assert code == 1 and "lies outside" in stderr
     # no time window
-    code, _, stderr = _run_cli(["mosaic", "--source", shared_data / TWM_CATALOG, "--bbox",
-                                ",".join(map(str, TWM_BBOX)), "--out", out], capsys, monkeypatch)
+    code, _, stderr = run_cli("mosaic", "--source", shared_data / TWM_CATALOG, "--bbox",
+                              ",".join(map(str, TWM_BBOX)), "--out", out)
     assert code == 1 and "needs a time window" in stderr
     # unreadable (no readdir override): the asset and the reason are named
-    code, _, stderr = _run_cli(_twm_cli_args(shared_data, out, "--gdal",
-                                             "GDAL_HTTP_MAX_RETRY=0"), capsys, monkeypatch)
+    code, _, stderr = run_cli(*_twm_cli_args(shared_data, out, "--gdal",
+                                             "GDAL_HTTP_MAX_RETRY=0"))
     assert code == 1 and "Cannot read asset" in stderr and "no CRS" in stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["items.json"]

@@ -367,34 +367,21 @@ def test_seasons():
 
 
 # --------------------------------------------------------------------------- CLI
-def _run_cli(args, capsys, monkeypatch):
-    from clc_dask.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["clc-dask", *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
-def test_cli_search_writes_an_item_collection(shared_data, tmp_path, capsys, monkeypatch):
+def test_cli_search_writes_an_item_collection(shared_data, tmp_path, run_cli):
     out = tmp_path / "items.json"
-    code, stdout, _ = _run_cli(["search", "--source", shared_data / TWM_CATALOG, "--bbox",
-                                ",".join(map(str, TWM_BBOX)), "--season", "08-01/08-31",
-                                "--year", "2023", "--max-cloud", "2", "--out", out],
-                               capsys, monkeypatch)
+    code, stdout, _ = run_cli("search", "--source", shared_data / TWM_CATALOG, "--bbox",
+                              ",".join(map(str, TWM_BBOX)), "--season", "08-01/08-31",
+                              "--year", "2023", "--max-cloud", "2", "--out", out)
     assert code == 0
     assert "3 item(s), 2023-08-13 … 2023-08-20" in stdout
     saved = pystac.ItemCollection.from_file(str(out))
     assert sorted(round(i.properties["eo:cloud_cover"], 2) for i in saved) == [0.21, 1.11, 1.34]
 
 
-def test_cli_search_empty_result_writes_nothing(shared_data, tmp_path, capsys, monkeypatch):
+def test_cli_search_empty_result_writes_nothing(shared_data, tmp_path, run_cli):
     out = tmp_path / "items.json"
-    code, _, stderr = _run_cli(["search", "--source", shared_data / TWM_CATALOG, "--bbox",
-                                ",".join(map(str, TWM_BBOX)), "--max-cloud", "0.1", "--out", out],
-                               capsys, monkeypatch)
+    code, _, stderr = run_cli("search", "--source", shared_data / TWM_CATALOG, "--bbox",
+                              ",".join(map(str, TWM_BBOX)), "--max-cloud", "0.1", "--out", out)
     assert code == 1
     assert stderr.startswith("Error: No scenes found") and "--max-cloud" in stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
