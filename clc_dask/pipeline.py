@@ -57,11 +57,11 @@ from odc.geo.geom import Geometry
 from clc_dask.classes import ClassTable, colormap
 from clc_dask.config import RunConfig
 from clc_dask.errors import CheckpointError, ConfigError, InputError, OutputError
+from clc_dask.generalize import fixed_gpkg_date
 from clc_dask.grid import Tile, TileGrid
 from clc_dask.model import COMPOSITES, composite_bands, composite_name, file_sha256, load_checkpoint
 from clc_dask.predict import WindowGrid
 from clc_dask.rasters import atomic_path, to_dataarray, write_geotiff
-from clc_dask.vectorize import fixed_gpkg_date
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ class TilePipeline:
 
     def _polygons(self, gmap: xr.DataArray, path: Path, tile_name: str) -> Path:
         """The generalized tile as GeoPackage polygons (styles are written once per run)."""
-        from clc_dask.vectorize import vectorize
+        from clc_dask.generalize import vectorize
 
         with fixed_gpkg_date(self.config.imagery.year):
             return vectorize(gmap, path, level=self.checkpoint.classes.level, layer=f"clc_{tile_name}",
@@ -475,7 +475,7 @@ class TilePipeline:
             variables = ["classes"] + (["generalized"] if self.config.generalize.enabled else [])
             create_zarr(self.store / ZARR_STORE, self.grid, variables, self._dtype, self.checkpoint.classes.level)
         if self.config.generalize.enabled and self.config.output.vectorize:
-            from clc_dask.vectorize import qml_style, sld_style
+            from clc_dask.generalize import qml_style, sld_style
 
             level = self.checkpoint.classes.level
             for suffix, text in ((".qml", qml_style(level)), (".sld", sld_style(level, "clc"))):
