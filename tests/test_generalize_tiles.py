@@ -1,0 +1,191 @@
+"""A map stored as tiles, generalized globally tile by tile: equal to the whole map in memory.
+
+Also: resuming from the saved state, refusing another map's state, and the package's
+imports (no cycle, no import inside a function).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+from affine import Affine
+from odc.geo.geobox import GeoBox
+
+import clc_dask.generalize
+from clc_dask.errors import InputError, OutputError
+from clc_dask.generalize import generalize, generalize_array, label_equal
+from clc_dask.generalize.tiles import TiledGeneralization, generalize_tiled, load_table
+from clc_dask.rasters import to_dataarray
+
+LEVEL2 = np.array([11, 12, 21, 23, 24, 31, 32, 41, 51], dtype=np.uint8)
+
+
+def blobby_map(shape, seed, n_classes=5, sigma=3.0, nodata=0.1):
+    """Random Level-2 map with patches from specks to a few hundred pixels, and no data."""
+    rng = np.random.default_rng(seed)
+    fields = np.stack([ndi.gaussian_filter(rng.random(shape), sigma) for _ in range(n_classes)])
+    codes = LEVEL2[:n_classes][np.argmax(fields, axis=0)]
+    speckle = rng.random(shape) < 0.02
+    codes[speckle] = rng.choice(LEVEL2[:n_classes], int(speckle.sum()))
+    if nodata:
+        mask = ndi.gaussian_filter(rng.random(shape), sigma * 3)
+        codes[mask < np.quantile(mask, nodata)] = 0
+    return codes
+
+
+def as_tiles(codes, tile, pixel=10.0):
+    gbox = GeoBox(codes.shape, Affine(pixel, 0, 600000, 0, -pixel, 4500000), "EPSG:32633")
+    return to_dataarray(codes, gbox, name="classes").chunk({"y": tile, "x": tile})
+
+
+@pytest.fixture(scope="module")
+def big_patches_map():
+    codes = blobby_map((110, 97), 3)
+    labels, n = label_equal(codes)
+    areas = np.bincount(labels.ravel())[1:]
+    return codes, labels, areas
+
+
+# 0.3 ha = 30 px at 10 m, width 50 m = 5 px (halo 9 px)
+RULES = {"mmu_ha": 0.3, "min_width_m": 50}
+
+
+@pytest.mark.parametrize("tile", [19, 23, 40, 110])
+def test_tiled_equals_whole_map_in_memory(tmp_path, big_patches_map, tile):
+    codes, labels, areas = big_patches_map
+    # patches span 3+ tiles of 19 and 23 px; tiles of 19, 23 and 40 do not divide the map
+    spans = [len({(y // tile, x // tile) for y, x in zip(*np.nonzero(labels == k), strict=True)})
+             for k in np.argsort(areas)[-3:] + 1]
+    assert tile > 40 or max(spans) >= 3
+    expected = generalize_array(codes, 10.0, **RULES)
+    assert (expected != codes).mean() > 0.05
+    with dask.config.set(scheduler="synchronous"):
+        out = generalize_tiled(as_tiles(codes, tile), tmp_path / "state", **RULES)
+        assert out.chunks == as_tiles(codes, tile).chunks
+        np.testing.assert_array_equal(out.values, expected)
+    assert (out.values == 0).sum() == (codes == 0).sum()  # no data stays no data
+
+
+@pytest.mark.parametrize(("rules", "steps"), [
+    ({"mmu_ha": 0.3, "min_width_m": 0}, ["step1_mmu"]),
+    ({"mmu_ha": 0, "min_width_m": 50}, ["step1_width"]),
+    ({"mmu_ha": 0.3, "min_width_m": 50, "connectivity": 8}, ["step1_mmu", "step2_width", "step3_mmu"]),
+])
+def test_each_rule_alone_and_8_connectivity(tmp_path, big_patches_map, rules, steps):
+    codes = big_patches_map[0]
+    expected = generalize_array(codes, 10.0, **rules)
+    with dask.config.set(scheduler="synchronous"):
+        tiled = TiledGeneralization(as_tiles(codes, 21), tmp_path, **rules)
+        assert [s.name for s in tiled.steps] == steps
+        tiled.run()
+        np.testing.assert_array_equal(tiled.result().values, expected)
+        np.testing.assert_array_equal(tiled.tile(2, 3), expected[42:63, 63:84])
+
+
+def test_width_rule_across_tile_edges(tmp_path):
+    codes = np.full((60, 60), 31, dtype=np.uint8)
+    codes[:, 18:21] = 51  # a 30 m river along a tile edge (tiles of 20 px): too narrow
+    codes[39:42, :] = 12  # a 30 m road across the map, across three tiles
+    codes[5:15, 45:57] = 21  # a 10 × 12 field inside one tile, wide and large enough
+    expected = generalize_array(codes, 10.0, mmu_ha=0.5, min_width_m=50)
+    assert (expected[:, 18:21] == 31).all() and (expected[39:42, :] == 31).all()
+    with dask.config.set(scheduler="synchronous"):
+        out = generalize_tiled(as_tiles(codes, 20), tmp_path, mmu_ha=0.5, min_width_m=50)
+        np.testing.assert_array_equal(out.values, expected)
+    assert (out.values[5:15, 45:57] == 21).all()
+
+
+def test_resumes_from_saved_state_and_refuses_another_map(tmp_path, big_patches_map):
+    codes = big_patches_map[0]
+    expected = generalize_array(codes, 10.0, **RULES)
+    with dask.config.set(scheduler="synchronous"):
+        first = TiledGeneralization(as_tiles(codes, 30), tmp_path / "state", **RULES)
+        first.measure(0)
+        assert not first.finished()
+        with pytest.raises(OutputError, match="not finished"):
+            first.tile(0, 0)
+        table_file = tmp_path / "state" / "step1_mmu" / "tables" / "1_2.npz"
+        table, digest = load_table(table_file)
+        assert len(digest) == 64
+        assert table.n == label_equal(codes[30:60, 60:90])[1]
+        # an interrupted run: one table and one saved tile are missing
+        first.run()
+        table_file.unlink()
+        (tmp_path / "state" / "step1_mmu" / "decision.json").unlink()
+        (tmp_path / "state" / "step2_width" / "tiles" / "3_0.npy").unlink()
+        stamp = (tmp_path / "state" / "step1_mmu" / "tables" / "0_0.npz").stat().st_mtime_ns
+        resumed = TiledGeneralization(as_tiles(codes, 30), tmp_path / "state", **RULES)
+        resumed.run()
+        assert resumed.finished()
+        assert (tmp_path / "state" / "step1_mmu" / "tables" / "0_0.npz").stat().st_mtime_ns == stamp  # kept
+        np.testing.assert_array_equal(resumed.result().values, expected)
+        summary = json.loads((tmp_path / "state" / "step3_mmu" / "decision.json").read_text())
+        assert summary["patches"] > summary["small"] > 0
+    # no temporary file is left behind
+    assert not [p for p in (tmp_path / "state").rglob(".*")]
+    with pytest.raises(OutputError, match="another map.*chunks"):
+        TiledGeneralization(as_tiles(codes, 25), tmp_path / "state", **RULES)
+    with pytest.raises(OutputError, match="mmu_ha"):
+        TiledGeneralization(as_tiles(codes, 30), tmp_path / "state", mmu_ha=1, min_width_m=50)
+    with pytest.raises(InputError, match="dask-backed"):
+        TiledGeneralization(as_tiles(codes, 30).compute(), tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_changed_tile_is_refused(tmp_path, big_patches_map):
+    codes = big_patches_map[0].copy()
+    with dask.config.set(scheduler="synchronous"):
+        TiledGeneralization(as_tiles(codes, 40), tmp_path, mmu_ha=0.3, min_width_m=0).run()
+        codes[45, 45] = 12 if codes[45, 45] != 12 else 11  # the map changed after its tables were saved
+        with pytest.raises(InputError, match="does not match its saved patch table"):
+            TiledGeneralization(as_tiles(codes, 40), tmp_path, mmu_ha=0.3, min_width_m=0).tile(1, 1)
+
+
+def test_tiled_equals_chunked_generalize_on_a_threaded_scheduler(tmp_path):
+    codes = blobby_map((150, 130), 8, sigma=2.5)
+    with dask.config.set(scheduler="threads", num_workers=2):
+        chunked = generalize(as_tiles(codes, 64)).values
+        tiled = generalize_tiled(as_tiles(codes, 64), tmp_path, batch_size=3).values
+    np.testing.assert_array_equal(tiled, chunked)
+    np.testing.assert_array_equal(tiled, generalize_array(codes, 10.0))
+
+
+# ----------------------------------------------------------------------------- imports
+
+
+def _package_imports() -> dict[str, set[str]]:
+    root = Path(clc_dask.generalize.__file__).parent
+    imports: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for func in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)):
+            nested = [n for n in ast.walk(func) if isinstance(n, ast.Import | ast.ImportFrom)]
+            assert not nested, f"{path.name}: import inside {func.name}()"
+        deps = {n.module.rsplit(".", 1)[-1] for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("clc_dask.generalize.")}
+        imports[path.stem] = deps
+    return imports
+
+
+def test_generalize_package_has_no_import_cycle():
+    imports = _package_imports()
+    assert {"rules", "patchgraph", "core", "merge", "tiles", "styles", "vector", "files"} <= set(imports)
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, "import cycle: " + " → ".join((*path, module))
+        for dep in imports.get(module, ()):
+            if dep not in done:
+                visit(dep, (*path, module))
+        done.add(module)
+
+    for module in imports:
+        if module != "__init__":
+            visit(module, ())
+    assert "__init__" not in {d for deps in imports.values() for d in deps}
