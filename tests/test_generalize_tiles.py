@@ -11,15 +11,20 @@ import json
 from pathlib import Path
 
 import dask
+import geopandas as gpd
 import numpy as np
+import pyogrio
 import pytest
+import rasterio.features
 import scipy.ndimage as ndi
+import shapely
 from affine import Affine
 from odc.geo.geobox import GeoBox
 
 import clc_dask.generalize
 from clc_dask.errors import InputError, OutputError
-from clc_dask.generalize import generalize, generalize_array, label_equal
+from clc_dask.generalize import count_patches, generalize, generalize_array, label_equal, vectorize
+from clc_dask.generalize.layer import vectorize_tiled
 from clc_dask.generalize.tiles import TiledGeneralization, generalize_tiled, load_table
 from clc_dask.rasters import to_dataarray
 
@@ -175,7 +180,7 @@ def _package_imports() -> dict[str, set[str]]:
 
 def test_generalize_package_has_no_import_cycle():
     imports = _package_imports()
-    assert {"rules", "patchgraph", "core", "merge", "tiles", "styles", "vector", "files"} <= set(imports)
+    assert {"rules", "patchgraph", "core", "merge", "tiles", "styles", "vector", "layer", "files"} <= set(imports)
     done: set[str] = set()
 
     def visit(module: str, path: tuple[str, ...]) -> None:
@@ -189,3 +194,82 @@ def test_generalize_package_has_no_import_cycle():
         if module != "__init__":
             visit(module, ())
     assert "__init__" not in {d for deps in imports.values() for d in deps}
+
+
+# ------------------------------------------------------------ one dissolved vector layer
+
+
+def _shared_edges_within_classes(frame):
+    """Pairs of same-class polygons whose intersection has a length (they share an edge)."""
+    tree = shapely.STRtree(frame.geometry.values)
+    left, right = tree.query(frame.geometry.values, predicate="intersects")
+    pairs = [(i, j) for i, j in zip(left.tolist(), right.tolist(), strict=True) if i < j
+             and frame["CODE_18"].iloc[i] == frame["CODE_18"].iloc[j]]
+    return [(i, j) for i, j in pairs
+            if frame.geometry.iloc[i].intersection(frame.geometry.iloc[j]).length > 0]
+
+
+@pytest.fixture(scope="module")
+def generalized_map():
+    codes = generalize_array(blobby_map((90, 110), 5, n_classes=4), 10.0, mmu_ha=0.2, min_width_m=0)
+    gbox = GeoBox(codes.shape, Affine(10, 0, 600000.5, 0, -10, 4500000.5), "EPSG:32633")
+    return codes, gbox
+
+
+@pytest.mark.parametrize("tile", [17, 32])
+def test_one_layer_dissolved_across_tiles(tmp_path, generalized_map, tile):
+    codes, gbox = generalized_map
+    arr = to_dataarray(codes, gbox, name="generalized").chunk({"y": tile, "x": tile})
+    with dask.config.set(scheduler="synchronous"):
+        path = vectorize_tiled(arr, tmp_path / "polygons.gpkg", batch_size=5)
+        whole = vectorize(to_dataarray(codes, gbox), tmp_path / "whole.gpkg", layer="clc")
+    assert set(pyogrio.list_layers(path)[:, 0]) == {"clc", "layer_styles"}
+    frame = gpd.read_file(path, layer="clc")
+    assert list(frame.columns) == ["id", "CODE_18", "label", "area_ha", "geometry"]
+    assert frame.crs.to_epsg() == 32633 and (frame.geom_type == "Polygon").all() and frame.geometry.is_valid.all()
+    assert len(frame) == count_patches(codes) and frame["id"].is_unique
+    # polygons cut by tile edges are whole again: no two polygons of one class share an edge
+    crossing = [g for g in frame.geometry if len({(int((y - 4500000.5) // -10) // tile)
+                                                     for _, y in g.exterior.coords}) > 2]
+    assert crossing
+    assert _shared_edges_within_classes(frame) == []
+    # class areas are the raster's pixel areas
+    per_class = frame.groupby("CODE_18")["area_ha"].sum()
+    for code in np.unique(codes[codes > 0]):
+        assert per_class[str(code)] == pytest.approx((codes == code).sum() * 0.01, abs=1e-9)
+    np.testing.assert_allclose(frame["area_ha"], frame.geometry.area / 10_000)
+    # the same polygons as the whole map's, whatever the tiling
+    reference = gpd.read_file(whole, layer="clc")
+    by_id = frame.sort_values("id").reset_index(drop=True)
+    assert all(a.equals_exact(b, 0) for a, b in zip(by_id.geometry, reference.geometry, strict=True))
+    assert (by_id["CODE_18"] == reference["CODE_18"]).all()
+    back = rasterio.features.rasterize(zip(frame.geometry, frame["CODE_18"].astype(int), strict=True),
+                                       out_shape=codes.shape, transform=gbox.affine, fill=0, dtype="uint8")
+    np.testing.assert_array_equal(back, codes)
+    assert (tmp_path / "polygons.qml").exists() and (tmp_path / "polygons.sld").exists()
+
+
+def test_layer_ids_are_first_pixels_and_empty_maps_work(tmp_path, generalized_map):
+    codes, gbox = generalized_map
+    arr = to_dataarray(codes, gbox).chunk({"y": 30, "x": 30})
+    with dask.config.set(scheduler="synchronous"):
+        frame = gpd.read_file(vectorize_tiled(arr, tmp_path / "a.gpkg", styles=False), layer="clc")
+        labels, _ = label_equal(codes)
+        flat = labels.ravel()
+        firsts = sorted(int(np.flatnonzero(flat == k)[0]) for k in range(1, flat.max() + 1))
+        assert sorted(frame["id"]) == firsts
+        assert not (tmp_path / "a.qml").exists()
+        empty = to_dataarray(np.zeros((40, 40), np.uint8), gbox.crop((40, 40))).chunk({"y": 20, "x": 20})
+        assert len(gpd.read_file(vectorize_tiled(empty, tmp_path / "empty.gpkg"), layer="clc")) == 0
+
+
+def test_layer_refuses_bad_input_before_writing(tmp_path, generalized_map):
+    codes, gbox = generalized_map
+    arr = to_dataarray(codes, gbox).chunk({"y": 30, "x": 30})
+    with pytest.raises(InputError, match="Level-3"):
+        vectorize_tiled(arr, tmp_path / "x.gpkg", level=3)
+    with pytest.raises(OutputError, match="GeoPackage"):
+        vectorize_tiled(arr, tmp_path / "x.shp")
+    with pytest.raises(InputError, match="integer"):
+        vectorize_tiled(arr.astype("float32"), tmp_path / "x.gpkg")
+    assert list(tmp_path.iterdir()) == []

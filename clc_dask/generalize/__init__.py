@@ -93,16 +93,19 @@ Modules
 - :mod:`~clc_dask.generalize.rules`: the rules in pixels, rule B (minimum width) on a block;
 - :mod:`~clc_dask.generalize.patchgraph`: patches per block, the patch graph, rule A;
 - :mod:`~clc_dask.generalize.core`: :func:`generalize`, :func:`generalize_array`, :func:`generalize_dask`;
+- :mod:`~clc_dask.generalize.merge`: the global MMU decision of a map stored as tiles;
 - :mod:`~clc_dask.generalize.tiles`: a map stored as tiles, generalized globally tile by
   tile, resumable (what a production run does);
 - :mod:`~clc_dask.generalize.styles`: QML/SLD styles of the polygon layers;
-- :mod:`~clc_dask.generalize.vector`: polygons of a class map, and one dissolved layer for a
-  map stored as tiles;
+- :mod:`~clc_dask.generalize.vector`: polygons of a class map;
+- :mod:`~clc_dask.generalize.layer`: one layer for a map stored as tiles, polygons dissolved
+  across tile edges;
 - :mod:`~clc_dask.generalize.files`: GeoTIFF to COG (+ GeoPackage), the sieve comparison.
 """
 
 from clc_dask.generalize.core import as_class_map, generalize, generalize_array, generalize_dask
 from clc_dask.generalize.files import compare_to_sieve, count_patches, generalize_file, infer_level
+from clc_dask.generalize.layer import vectorize_tiled
 from clc_dask.generalize.patchgraph import (
     BlockPatches,
     PatchGraph,
@@ -113,6 +116,7 @@ from clc_dask.generalize.patchgraph import (
 )
 from clc_dask.generalize.rules import NODATA, Rules, footprint, rules_for, width_step
 from clc_dask.generalize.styles import CODE_FIELD, fixed_gpkg_date, qml_style, sld_style
+from clc_dask.generalize.tiles import TiledGeneralization, generalize_tiled
 from clc_dask.generalize.vector import vectorize
 
 __all__ = [
@@ -121,6 +125,7 @@ __all__ = [
     "BlockPatches",
     "PatchGraph",
     "Rules",
+    "TiledGeneralization",
     "as_class_map",
     "assemble",
     "block_patches",
@@ -132,6 +137,7 @@ __all__ = [
     "generalize_array",
     "generalize_dask",
     "generalize_file",
+    "generalize_tiled",
     "infer_level",
     "label_equal",
     "merge_small",
@@ -139,5 +145,6 @@ __all__ = [
     "rules_for",
     "sld_style",
     "vectorize",
+    "vectorize_tiled",
     "width_step",
 ]
