@@ -25,7 +25,9 @@ import clc_dask.generalize
 from clc_dask.errors import InputError, OutputError
 from clc_dask.generalize import count_patches, generalize, generalize_array, label_equal, vectorize
 from clc_dask.generalize.layer import vectorize_tiled
-from clc_dask.generalize.tiles import TiledGeneralization, generalize_tiled, load_table
+from clc_dask.generalize.merge import decide_tables
+from clc_dask.generalize.patchgraph import assemble, block_lut, block_patches, merge_small
+from clc_dask.generalize.tiles import TiledGeneralization, generalize_tiled, load_reduction
 from clc_dask.rasters import to_dataarray
 
 LEVEL2 = np.array([11, 12, 21, 23, 24, 31, 32, 41, 51], dtype=np.uint8)
@@ -116,9 +118,10 @@ def test_resumes_from_saved_state_and_refuses_another_map(tmp_path, big_patches_
         with pytest.raises(OutputError, match="not finished"):
             first.tile(0, 0)
         table_file = tmp_path / "state" / "step1_mmu" / "tables" / "1_2.npz"
-        table, digest = load_table(table_file)
+        reduction, digest = load_reduction(table_file)
         assert len(digest) == 64
-        assert table.n == label_equal(codes[30:60, 60:90])[1]
+        assert reduction.code.size == label_equal(codes[30:60, 60:90])[1]
+        assert 0 < reduction.table.n < reduction.code.size  # most patches are decided in the tile
         # an interrupted run: one table and one saved tile are missing
         first.run()
         table_file.unlink()
@@ -131,7 +134,8 @@ def test_resumes_from_saved_state_and_refuses_another_map(tmp_path, big_patches_
         assert (tmp_path / "state" / "step1_mmu" / "tables" / "0_0.npz").stat().st_mtime_ns == stamp  # kept
         np.testing.assert_array_equal(resumed.result().values, expected)
         summary = json.loads((tmp_path / "state" / "step3_mmu" / "decision.json").read_text())
-        assert summary["patches"] > summary["small"] > 0
+        assert summary["tile_patches"] > summary["decided_in_tiles"] > 0
+        assert summary["global_patches"] > summary["global_small"] > 0
     # no temporary file is left behind
     assert not [p for p in (tmp_path / "state").rglob(".*")]
     with pytest.raises(OutputError, match="another map.*chunks"):
@@ -141,6 +145,41 @@ def test_resumes_from_saved_state_and_refuses_another_map(tmp_path, big_patches_
     with pytest.raises(InputError, match="dask-backed"):
         TiledGeneralization(as_tiles(codes, 30).compute(), tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_global_merge_with_tile_decisions_equals_the_whole_graph(seed, connectivity):
+    rng = np.random.default_rng(seed)
+    codes = blobby_map((96, 120), seed, n_classes=3, sigma=4.0)  # few classes: many border ties
+    codes[rng.random(codes.shape) < 0.03] = 21
+    tile = (17, 24, 32)[seed % 3]
+    tables = [[block_patches(codes[y : y + tile, x : x + tile], (y, x), codes.shape[1], connectivity)[0]
+               for x in range(0, codes.shape[1], tile)] for y in range(0, codes.shape[0], tile)]
+    graph = assemble(tables, connectivity)
+    final = merge_small(graph, 40)
+    luts, summary = decide_tables(tables, 40, connectivity, np.uint8)
+    assert summary["decided_in_tiles"] > summary["tile_patches"] // 3
+    for index, lut in enumerate(luts):
+        iy, ix = divmod(index, len(tables[0]))
+        np.testing.assert_array_equal(lut, block_lut(graph, final, iy, ix, np.uint8))
+
+
+def test_a_tie_counts_the_area_its_neighbours_absorbed_in_their_tiles(tmp_path):
+    codes = np.full((12, 20), 31, dtype=np.uint8)
+    codes[:, 10:] = 21
+    codes[0, 19] = 0  # the right field: 117 px
+    codes[5:7, 9:11] = 11  # a 4 px speck on the border: 4 edges with each field, a tie on borders
+    codes[2, 2] = 12  # a 1 px speck in the left field (117 px), decided in its tile, merged first
+    expected = generalize_array(codes, 10.0, mmu_ha=0.5, min_width_m=0)
+    # the tie goes to the larger field: the left one, 118 px with the speck it absorbed
+    # (without it, 117 against 117, the smaller code 21 would win)
+    assert (expected[5:7, 9:11] == 31).all()
+    with dask.config.set(scheduler="synchronous"):
+        out = generalize_tiled(as_tiles(codes, 8), tmp_path, mmu_ha=0.5, min_width_m=0)
+        np.testing.assert_array_equal(out.values, expected)
+    summary = json.loads((tmp_path / "step1_mmu" / "decision.json").read_text())
+    assert summary["decided_in_tiles"] == 1 and summary["global_small"] == 1
 
 
 def test_a_changed_tile_is_refused(tmp_path, big_patches_map):

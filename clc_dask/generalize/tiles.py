@@ -10,9 +10,11 @@ tile size. Each step of the rules (MMU, width, MMU) runs as independent per-tile
 1. **measure** (per tile): the patch table of the step's input tile
    (:func:`clc_dask.generalize.patchgraph.block_patches`: codes, areas, first pixels,
    borders, edge labels);
-2. **decide** (once): the tables are joined across tile edges and every small patch gets
-   its new class (:func:`clc_dask.generalize.patchgraph.merge_small`); the decision is saved
-   as one lookup table per tile (local patch label → new code);
+2. **decide** (once): the patches that can be decided inside their tile are decided on the
+   worker that measured it (:func:`clc_dask.generalize.merge.reduce_tile`); the rest of the
+   tables are joined across tile edges and every remaining small patch gets its new class
+   (:func:`clc_dask.generalize.merge.decide`); the decision is saved as one lookup table per
+   tile (local patch label → new code);
 3. **apply** (per tile): the tile relabelled with its lookup table.
 
 The width step is per tile too: each tile with the halo the rule needs
@@ -27,7 +29,7 @@ saved state (a tile's read plus one labelling), for the caller to write as it li
 Files in ``workdir``::
 
     layout.json                 the map's grid, tiles and rules (checked on resume)
-    step1_mmu/tables/R_C.npz    patch table of tile (R, C) (from 0)
+    step1_mmu/tables/R_C.npz    tile (R, C) (from 0): local decisions and reduced patch table
     step1_mmu/luts/R_C.npz      local label → new code (and the tile's digest)
     step1_mmu/decision.json     written last: the step's decision is complete
     step1_mmu/tiles/R_C.npy     the step's output tile (when a later step reads it)
@@ -53,7 +55,7 @@ import xarray as xr
 
 from clc_dask.errors import ConfigError, InputError, OutputError
 from clc_dask.generalize.core import as_class_map
-from clc_dask.generalize.merge import decide_tables
+from clc_dask.generalize.merge import TileReduction, decide, reduce_tile, tile_lut
 from clc_dask.generalize.patchgraph import BlockPatches, block_patches, relabel_block
 from clc_dask.generalize.rules import NODATA, Rules, check_codes_dtype, rules_for, width_step
 from clc_dask.rasters import geobox_of, to_dataarray
@@ -97,17 +99,33 @@ def tile_digest(tile: np.ndarray) -> str:
     return hashlib.sha256(head + tile.tobytes()).hexdigest()
 
 
-def save_table(table: BlockPatches, path: str | os.PathLike[str], digest: str = "") -> Path:
-    """Write a tile's patch table (and the :func:`tile_digest` of its tile) as ``.npz``, atomically."""
+_REDUCTION_FIELDS = ("code", "decided", "decided_code", "kept", "absorbed_into", "absorbed_area", "absorbed_first")
+#: What the global merge needs of a tile (the rest is read again to write its lookup table).
+_MERGE_FIELDS = ("absorbed_into", "absorbed_area", "absorbed_first")
+
+
+def save_reduction(reduction: TileReduction, path: str | os.PathLike[str], digest: str = "") -> Path:
+    """Write a tile's :class:`~clc_dask.generalize.merge.TileReduction` (and the
+    :func:`tile_digest` of its tile) as ``.npz``, atomically."""
+    table = reduction.table
+    arrays = {f: getattr(reduction, f) for f in _REDUCTION_FIELDS}
+    arrays.update({f"table_{f}": getattr(table, f) for f in _TABLE_FIELDS})
     with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, n=np.int64(table.n), digest=np.str_(digest), **{f: getattr(table, f) for f in _TABLE_FIELDS})
+        np.savez(fh, table_n=np.int64(table.n), digest=np.str_(digest), **arrays)
     return Path(path)
 
 
-def load_table(path: str | os.PathLike[str]) -> tuple[BlockPatches, str]:
-    """Read a patch table written by :func:`save_table`, and its tile's digest."""
+def load_reduction(path: str | os.PathLike[str], merge_only: bool = False) -> tuple[TileReduction, str]:
+    """Read a reduction written by :func:`save_reduction`, and its tile's digest.
+
+    With ``merge_only``, only what the global merge needs is read (the per-patch codes and
+    local decisions are left empty), so the client holds the reduced tables alone.
+    """
+    empty = np.zeros(0, dtype=np.int64)
     with np.load(path) as data:
-        return BlockPatches(n=int(data["n"]), **{f: data[f] for f in _TABLE_FIELDS}), str(data["digest"])
+        table = BlockPatches(n=int(data["table_n"]), **{f: data[f"table_{f}"] for f in _TABLE_FIELDS})
+        fields = {f: data[f] if not merge_only or f in _MERGE_FIELDS else empty for f in _REDUCTION_FIELDS}
+        return TileReduction(table=table, **fields), str(data["digest"])
 
 
 def _save_array(array: np.ndarray, path: Path) -> None:
@@ -120,10 +138,10 @@ def _save_lut(lut: np.ndarray, digest: str, path: Path) -> None:
         np.savez(fh, lut=lut, digest=np.str_(digest))
 
 
-def _measure_task(block: np.ndarray, origin: tuple[int, int], width: int, connectivity: int, path: Path) -> int:
+def _measure_task(block: np.ndarray, origin: tuple[int, int], width: int, rules: Rules, path: Path) -> int:
     block = np.asarray(block)
-    table, _ = block_patches(block, origin, width, connectivity)
-    save_table(table, path, tile_digest(block))
+    table, _ = block_patches(block, origin, width, rules.connectivity)
+    save_reduction(reduce_tile(table, rules.mmu_px), path, tile_digest(block))
     return table.n
 
 
@@ -149,7 +167,8 @@ def _width_task(window: np.ndarray, pad: tuple[tuple[int, int], tuple[int, int]]
     tile = width_step(np.pad(np.asarray(window), pad, constant_values=NODATA), rules)[crop]
     if measure is not None:
         origin, width, path = measure
-        save_table(block_patches(tile, origin, width, rules.connectivity)[0], path, tile_digest(tile))
+        table = block_patches(tile, origin, width, rules.connectivity)[0]
+        save_reduction(reduce_tile(table, rules.mmu_px), path, tile_digest(tile))
     if out is None:
         return tile
     _save_array(tile, out)
@@ -301,7 +320,7 @@ class TiledGeneralization:
                 continue
             ys, xs = self.tile_slices(iy, ix)
             tasks.append(dask.delayed(_measure_task, pure=True)(
-                source.blocks[iy, ix], (ys.start, xs.start), self.codes.shape[1], self.rules.connectivity, path))
+                source.blocks[iy, ix], (ys.start, xs.start), self.codes.shape[1], self.rules, path))
         self._compute(tasks, f"{step.name}: tables")
 
     def decide(self, position: int) -> dict[str, int]:
@@ -311,15 +330,25 @@ class TiledGeneralization:
         if marker.exists():
             return json.loads(marker.read_text(encoding="utf-8"))
         rows, cols = self.grid_shape
-        loaded = [[load_table(self._file(step, "tables", iy, ix, ".npz")) for ix in range(cols)] for iy in range(rows)]
-        tables = [[table for table, _ in row] for row in loaded]
-        luts, summary = decide_tables(tables, self.rules.mmu_px, self.rules.connectivity, self.codes.dtype)
-        for (iy, ix), lut in zip(self._tiles(), luts, strict=True):
-            _save_lut(lut, loaded[iy][ix][1], self._file(step, "luts", iy, ix, ".npz"))
+        paths = [[self._file(step, "tables", iy, ix, ".npz") for ix in range(cols)] for iy in range(rows)]
+        reduced = [[load_reduction(path, merge_only=True)[0] for path in row] for row in paths]
+        graph, final = decide(reduced, self.rules.mmu_px, self.rules.connectivity,
+                              scale=int(np.prod(self.codes.shape)) + 1)
+        summary = {"tile_patches": 0, "decided_in_tiles": 0, "global_patches": int(graph.code.size),
+                   "global_small": int((graph.area < self.rules.mmu_px).sum()),
+                   "global_changed": int((final != graph.code).sum())}
+        del reduced
+        for iy, ix in self._tiles():
+            reduction, digest = load_reduction(paths[iy][ix])
+            summary["tile_patches"] += int(reduction.code.size)
+            summary["decided_in_tiles"] += int(reduction.decided.size)
+            lut = tile_lut(reduction, graph, final, iy, ix, np.dtype(self.codes.dtype))
+            _save_lut(lut, digest, self._file(step, "luts", iy, ix, ".npz"))
         with atomic_path(marker, suffix=".json") as tmp:
             tmp.write_text(json.dumps(summary), encoding="utf-8")
-        log.info("%s: %d patches, %d under %d px, %d changed class", step.name, summary["patches"],
-                 summary["small"], self.rules.mmu_px, summary["changed"])
+        log.info("%s: %d patches, %d decided in their tile; global merge of %d (%d under %d px)", step.name,
+                 summary["tile_patches"], summary["decided_in_tiles"], summary["global_patches"],
+                 summary["global_small"], self.rules.mmu_px)
         return summary
 
     def _apply(self, position: int, iy: int, ix: int, save: bool) -> Any:
