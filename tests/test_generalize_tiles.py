@@ -22,6 +22,7 @@ from affine import Affine
 from odc.geo.geobox import GeoBox
 
 import clc_dask.generalize
+from clc_dask.cli import main
 from clc_dask.errors import InputError, OutputError
 from clc_dask.generalize import count_patches, generalize, generalize_array, label_equal, vectorize
 from clc_dask.generalize.layer import vectorize_tiled
@@ -312,3 +313,24 @@ def test_layer_refuses_bad_input_before_writing(tmp_path, generalized_map):
     with pytest.raises(InputError, match="integer"):
         vectorize_tiled(arr.astype("float32"), tmp_path / "x.gpkg")
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_errors_show_the_options_of_the_backticked_parameters(tmp_path, monkeypatch, capsys):
+    codes = np.full((20, 20), 31, dtype=np.uint8)
+    path = tmp_path / "classes.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=20, height=20, count=1, dtype="uint8", crs="EPSG:32633",
+                       transform=Affine(10, 0, 500000, 0, -10, 4100000), nodata=0) as dst:
+        dst.write(codes, 1)
+    for option, value, shown in (("--mmu-ha", "-5", "--mmu-ha"), ("--chunk-size", "0", "--chunk-size"),
+                                 ("--connectivity", "6", "--connectivity")):
+        monkeypatch.setattr("sys.argv", ["clc-dask", "generalize", "--input", str(path),
+                                         "--out", str(tmp_path / "out.tif"), option, value])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        assert exit_info.value.code == 1
+        message = capsys.readouterr().err
+        assert message.startswith("Error: ") and shown in message and "`" not in message, message
+    assert not (tmp_path / "out.tif").exists()

@@ -1,23 +1,25 @@
 """The global MMU decision of a map stored as tiles, with most patches decided in their tile.
 
 Rule A (:func:`~clc_dask.generalize.patchgraph.merge_small`) is sequential — smallest patch
-first, over the whole map — but most of its decisions are local. A small patch ``P`` that
-lies inside its tile (touches no tile edge) and whose neighbours are all large (≥ the MMU:
-large patches never change class) is decided by its borders alone when one class has the
-longest border and one neighbour of that class: ``P`` merges into that neighbour, whatever
-happens elsewhere. Its only effect on the rest of the map is the area it adds to that
-neighbour, which matters only when another decision is a border tie broken by neighbour
-areas (the rule's second key) — so it is recorded as an *absorption* (target, ``P``'s
-queue key, ``P``'s area). A patch inside its tile with no neighbour at all stays as it is.
+first, over the whole map — but most of its decisions are local. Small patches only ever
+merge with patches they touch, and large patches (≥ the MMU) never change class, so the
+small patches of a tile fall into *components* (small patches that touch each other) that
+meet the rest of the map only through their large neighbours. A component that touches
+no tile edge can be run through the rule inside its tile; its decisions hold for the whole
+map unless they depended on the world outside, which reaches them only through large
+neighbours: their areas (when a border tie is broken by neighbour areas, the rule's second
+key) and their identity (when a merge joins two large patches into one). A component that
+needed neither is decided for good; its only effect on the rest of the map is the area its
+merges add to large neighbours, recorded as *absorptions* (target, queue key, pixels).
 
-:func:`reduce_tile` does this on the worker that measured the tile, and keeps for the
-global merge only the rest: the undecided small patches, every patch touching a tile edge
-(its size and neighbours are only known globally), and the large patches next to those.
-:func:`decide` joins the reduced tables across tile edges and runs the same rule on them,
-counting the absorptions into a neighbour's area exactly at the point of the queue where
-the whole-map run would have made them. The result equals ``merge_small`` on the whole
-map's graph; the client holds only the reduced tables (on prediction-like maps about a
-tenth of all patches: see ``benchmarks/bench_generalize_merge.py``).
+:func:`reduce_tile` does this on the worker that measured the tile and keeps for the
+global merge only the rest: components touching a tile edge (their sizes and neighbours
+are only known globally), those whose decisions depended on the outside, and the large
+patches next to them. :func:`decide` joins the reduced tables across tile edges and runs
+the same rule on them (:func:`merge_with_absorptions`), counting absorbed pixels in a
+neighbour's area exactly from the turn of the queue at which the whole-map run would have
+added them. The result equals ``merge_small`` on the whole map's graph; the client holds
+about a tenth of the patches (``benchmarks/bench_generalize_merge.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from clc_dask.generalize.patchgraph import BlockPatches, PatchGraph, assemble
 
@@ -45,8 +49,9 @@ class TileReduction:
         kept: local label of each patch of ``table`` (reduced label − 1 → local label).
         table: the reduced patch table (labels 1…len(kept)) for the global merge.
         absorbed_into: reduced label of each absorption's target (a large kept patch);
-            ``absorbed_area`` the absorbed patch's pixels (also the first part of its queue
-            key) and ``absorbed_first`` its first pixel (the second part).
+            ``absorbed_area`` the pixels it absorbed, at the turn of the queue keyed
+            (``absorbed_key_area``, ``absorbed_first``): the area and first pixel of the
+            small patch whose merge it was.
     """
 
     code: np.ndarray
@@ -56,6 +61,7 @@ class TileReduction:
     table: BlockPatches
     absorbed_into: np.ndarray
     absorbed_area: np.ndarray
+    absorbed_key_area: np.ndarray
     absorbed_first: np.ndarray
 
 
@@ -66,46 +72,41 @@ def _directed(table: BlockPatches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.concatenate([a, b]), np.concatenate([b, a]), np.concatenate([table.border, table.border])
 
 
-def _local_decisions(table: BlockPatches, mmu_px: int, on_edge: np.ndarray
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Patches decided in the tile: (islets, merged patches, their targets, their new codes)."""
+def _small_components(table: BlockPatches, small: np.ndarray) -> np.ndarray:
+    """Component of every patch through small–small adjacency (a large patch is alone)."""
+    a = table.pairs[:, 0].astype(np.int64) - 1
+    b = table.pairs[:, 1].astype(np.int64) - 1
+    both = small[a] & small[b]
+    links = coo_matrix((np.ones(int(both.sum()), dtype=np.int8), (a[both], b[both])), shape=(table.n, table.n))
+    return connected_components(links, directed=False)[1]
+
+
+def _local_run(table: BlockPatches, mmu_px: int, on_edge: np.ndarray) -> tuple[np.ndarray, np.ndarray, _Watch]:
+    """Rule A inside one tile, on the small patches whose component touches no tile edge:
+    (final code of each patch, mask of the patches decided for good, the watch)."""
     n = table.n
     small = table.area < mmu_px
-    src, dst, weight = _directed(table)
-    has_small_neighbour = np.zeros(n, dtype=bool)
-    has_small_neighbour[src[small[dst]]] = True
-    candidate = small & ~on_edge & ~has_small_neighbour
-    has_neighbour = np.zeros(n, dtype=bool)
-    has_neighbour[src] = True
-    islets = np.flatnonzero(candidate & ~has_neighbour)
-    keep = candidate[src]
-    src, dst, weight = src[keep], dst[keep], weight[keep]
-    if src.size == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return islets, empty, empty, empty
-    cls = table.code[dst].astype(np.int64)
-    span = int(cls.max()) + 1
-    groups, inverse = np.unique(src * span + cls, return_inverse=True)
-    total = np.bincount(inverse, weights=weight, minlength=groups.size)
-    count = np.bincount(inverse, minlength=groups.size)
-    owner = groups // span
-    starts = np.flatnonzero(np.diff(owner, prepend=-1))
-    best = np.repeat(np.maximum.reduceat(total, starts), np.diff(np.append(starts, owner.size)))
-    at_best = total == best
-    ties = np.add.reduceat(at_best.astype(np.int64), starts)
-    unique_best = np.repeat(ties == 1, np.diff(np.append(starts, owner.size)))
-    chosen = at_best & unique_best & (count == 1)  # one class wins, and it is one patch
-    merged = owner[chosen]  # sorted, each once
-    target_code = groups[chosen] % span
-    # the one neighbour of the winning class, in the order of ``merged``
-    at = np.searchsorted(merged, src).clip(max=max(merged.size - 1, 0))
-    pick = (merged[at] == src) & (cls == target_code[at]) if merged.size else np.zeros(src.size, dtype=bool)
-    targets = dst[pick][np.argsort(src[pick], kind="stable")]
-    return islets, merged, targets, target_code
+    component = _small_components(table, small)
+    touches_edge = np.zeros(int(component.max(initial=-1)) + 1, dtype=bool)
+    touches_edge[component[small & on_edge]] = True
+    candidate = small & ~touches_edge[component]
+    graph = PatchGraph(offsets=[[0]], counts=[[n]], patch_of=np.arange(n), code=table.code, area=table.area,
+                       first=table.first, pairs=table.pairs.astype(np.int64) - 1, border=table.border)
+    watch = _Watch(component, ~small)
+    empty = np.zeros(0, dtype=np.int64)
+    scale = int(table.first.max(initial=0)) + 1
+    final = merge_with_absorptions(graph, mmu_px, empty, empty, empty, empty, scale, queued=candidate, watch=watch)
+    tainted = np.fromiter(watch.tainted, dtype=np.int64, count=len(watch.tainted))
+    return final, candidate & ~np.isin(component, tainted), watch
 
 
 def reduce_tile(table: BlockPatches, mmu_px: int) -> TileReduction:
     """Decide what can be decided inside one tile, and reduce its table to the rest.
+
+    Small patches are grouped into components (small patches that touch); a component
+    that touches no tile edge runs through the rule inside the tile, and is kept for the
+    global merge only if a decision depended on a large neighbour's area (a border tie) or
+    joined two large patches. Its merges into large patches become absorptions.
 
     Args:
         table: the tile's full patch table (from :func:`~clc_dask.generalize.patchgraph.block_patches`).
@@ -115,9 +116,7 @@ def reduce_tile(table: BlockPatches, mmu_px: int) -> TileReduction:
     on_edge = np.zeros(n + 1, dtype=bool)
     on_edge[np.concatenate([table.top, table.bottom, table.left, table.right]).astype(np.int64)] = True
     on_edge = on_edge[1:]
-    islets, merged, targets, target_code = _local_decisions(table, mmu_px, on_edge)
-    decided = np.zeros(n, dtype=bool)
-    decided[islets] = decided[merged] = True
+    final, decided, watch = _local_run(table, mmu_px, on_edge)
     small = table.area < mmu_px
     active = ~decided & (small | on_edge)
     src, dst, _ = _directed(table)
@@ -135,16 +134,20 @@ def reduce_tile(table: BlockPatches, mmu_px: int) -> TileReduction:
         top=new_label[table.top], bottom=new_label[table.bottom], left=new_label[table.left],
         right=new_label[table.right],
     )
-    into_kept = kept_mask[targets]
+    events = np.array([(t, k, a) for c, t, k, a in watch.absorbed if c not in watch.tainted and kept_mask[t]],
+                      dtype=np.int64).reshape(-1, 3)
+    scale = int(table.first.max(initial=0)) + 1
+    decided_ids = np.flatnonzero(decided)
     return TileReduction(
         code=table.code.copy(),
-        decided=np.concatenate([islets, merged]).astype(np.int64) + 1,
-        decided_code=np.concatenate([table.code[islets], target_code.astype(table.code.dtype)]),
+        decided=decided_ids.astype(np.int64) + 1,
+        decided_code=final[decided_ids].astype(table.code.dtype),
         kept=kept.astype(np.int64) + 1,
         table=reduced,
-        absorbed_into=new_label[targets[into_kept] + 1].astype(np.int64),
-        absorbed_area=table.area[merged[into_kept]],
-        absorbed_first=table.first[merged[into_kept]],
+        absorbed_into=new_label[events[:, 0] + 1].astype(np.int64),
+        absorbed_key_area=events[:, 1] // scale,
+        absorbed_first=events[:, 1] % scale,
+        absorbed_area=events[:, 2],
     )
 
 
@@ -178,20 +181,51 @@ class _Absorptions:
         return int(self.cumulative[index - 1] - (self.cumulative[start - 1] if start else 0))
 
 
+class _Watch:
+    """What a local run of the rule must know to tell whether its decisions hold globally.
+
+    A decision depends on the world outside its tile only through large patches (whose
+    class never changes): their areas, when a border tie is broken by neighbour areas, and
+    their identity, when a merge joins two of them. A component of small patches in which
+    neither happens is decided for good; its merges into large patches are absorptions.
+    """
+
+    def __init__(self, component: np.ndarray, large: np.ndarray) -> None:
+        self.component = component
+        self.large = large  # original patches that are large
+        self.tainted: set[int] = set()
+        self.absorbed: list[tuple[int, int, int, int]] = []  # (component, large patch, key, area)
+
+
 def merge_with_absorptions(graph: PatchGraph, mmu_px: int, absorbed_patch: np.ndarray,
-                           absorbed_area: np.ndarray, absorbed_first: np.ndarray, scale: int) -> np.ndarray:
+                           absorbed_area: np.ndarray, absorbed_key_area: np.ndarray,
+                           absorbed_first: np.ndarray, scale: int,
+                           queued: np.ndarray | None = None, watch: _Watch | None = None) -> np.ndarray:
     """Rule A on a reduced graph whose large patches absorb decided patches along the way.
 
     Same as :func:`~clc_dask.generalize.patchgraph.merge_small` on the whole graph: the
     queue is keyed ``area · scale + first`` (``scale`` above every first-pixel index of the
     map), and when a border tie is broken by neighbour areas, a large neighbour's area
     includes what it absorbed from decided patches whose key came first.
+
+    Args:
+        graph: the (reduced) patch graph.
+        mmu_px: the minimum mapping unit in pixels.
+        absorbed_patch: patches (graph ids) that absorb decided patches, each absorbing
+            ``absorbed_area`` pixels at the queue key (``absorbed_key_area``, ``absorbed_first``).
+        absorbed_area: see ``absorbed_patch``.
+        absorbed_key_area: see ``absorbed_patch``.
+        absorbed_first: see ``absorbed_patch``.
+        scale: larger than every first-pixel index of the map.
+        queued: mask of the small patches to decide (default: all).
+        watch: record what makes a decision depend on the world outside (local runs).
     """
     small = graph.area < mmu_px
-    if not small.any():
+    queued = small if queued is None else queued & small
+    if not queued.any():
         return graph.code.copy()
     absorptions = _Absorptions(absorbed_patch.astype(np.int64),
-                               absorbed_area.astype(np.int64) * scale + absorbed_first.astype(np.int64),
+                               absorbed_key_area.astype(np.int64) * scale + absorbed_first.astype(np.int64),
                                absorbed_area.astype(np.int64))
     code = graph.code.astype(np.int64).tolist()
     area = graph.area.tolist()
@@ -203,10 +237,13 @@ def merge_with_absorptions(graph: PatchGraph, mmu_px: int, absorbed_patch: np.nd
         adj.setdefault(a, {})[b] = w
         adj.setdefault(b, {})[a] = w
     members: dict[int, list[int]] = {p: [p] for p in absorptions.span}  # absorbing patches in each group
+    large_in: dict[int, list[int]] = {}  # group root → the large original patches in it (watched runs)
+    if watch is not None:
+        large_in = {q: [q] for q in np.flatnonzero(watch.large).tolist()}
     parent: dict[int, int] = {}
-    small_ids = np.flatnonzero(small)
-    by_first = dict(zip(graph.first[small_ids].tolist(), small_ids.tolist(), strict=True))
-    heap = (graph.area[small_ids] * scale + graph.first[small_ids]).tolist()
+    queued_ids = np.flatnonzero(queued)
+    by_first = dict(zip(graph.first[queued_ids].tolist(), queued_ids.tolist(), strict=True))
+    heap = (graph.area[queued_ids] * scale + graph.first[queued_ids]).tolist()
     heapq.heapify(heap)
     while heap:
         key = heapq.heappop(heap)
@@ -229,6 +266,8 @@ def merge_with_absorptions(graph: PatchGraph, mmu_px: int, absorbed_patch: np.nd
             for q in nbrs:
                 if code[q] in totals:
                     totals[code[q]] += area[q] + sum(absorptions.before(m, key) for m in members.get(q, ()))
+                    if large_in.get(q):
+                        watch.tainted.add(int(watch.component[p]))
             target = max(tied, key=lambda c: (totals[c], -c))
         group = [p]
         root, root_degree = p, len(nbrs)
@@ -238,6 +277,8 @@ def merge_with_absorptions(graph: PatchGraph, mmu_px: int, absorbed_patch: np.nd
                 degree = len(adj.get(q, ()))
                 if degree > root_degree:
                     root, root_degree = q, degree
+        if watch is not None:
+            _watch_join(watch, group, large_in, area, key, p)
         root_adj = adj.setdefault(root, {})
         for g in group:
             root_adj.pop(g, None)
@@ -257,6 +298,8 @@ def merge_with_absorptions(graph: PatchGraph, mmu_px: int, absorbed_patch: np.nd
             first[root] = min(first[root], first[g])
             if g in members:
                 members.setdefault(root, []).extend(members.pop(g))
+            if g in large_in:
+                large_in.setdefault(root, []).extend(large_in.pop(g))
         code[root] = target
         if area[root] < mmu_px:
             by_first[first[root]] = root
@@ -270,6 +313,21 @@ def merge_with_absorptions(graph: PatchGraph, mmu_px: int, absorbed_patch: np.nd
     return out
 
 
+def _watch_join(watch: _Watch, group: list[int], large_in: dict[int, list[int]], area: list[int], key: int,
+                p: int) -> None:
+    """Record a merge of a watched run: two large patches joined taint the component; one
+    large patch joined by small groups absorbs their area at this key."""
+    large = [g for g in group if large_in.get(g)]
+    if not large:
+        return
+    component = int(watch.component[p])
+    if len(large) > 1 or len(large_in[large[0]]) > 1:
+        watch.tainted.add(component)
+        return
+    small_area = sum(area[g] for g in group if g != large[0])
+    watch.absorbed.append((component, large_in[large[0]][0], key, small_area))
+
+
 def decide(reductions: Sequence[Sequence[TileReduction]], mmu_px: int, connectivity: int, scale: int
            ) -> tuple[PatchGraph, np.ndarray]:
     """The global merge of reduced tiles: the reduced graph and each of its patches' final code.
@@ -281,14 +339,15 @@ def decide(reductions: Sequence[Sequence[TileReduction]], mmu_px: int, connectiv
         scale: larger than every first-pixel index of the map (its pixel count).
     """
     graph = assemble([[r.table for r in row] for row in reductions], connectivity)
-    patch, area, first = [], [], []
+    fields: dict[str, list[np.ndarray]] = {"patch": [], "area": [], "key_area": [], "first": []}
     for iy, row in enumerate(reductions):
         for ix, r in enumerate(row):
-            patch.append(graph.patch_of[graph.offsets[iy][ix] + r.absorbed_into - 1])
-            area.append(r.absorbed_area)
-            first.append(r.absorbed_first)
-    final = merge_with_absorptions(graph, mmu_px, np.concatenate(patch), np.concatenate(area),
-                                   np.concatenate(first), scale)
+            fields["patch"].append(graph.patch_of[graph.offsets[iy][ix] + r.absorbed_into - 1])
+            fields["area"].append(r.absorbed_area)
+            fields["key_area"].append(r.absorbed_key_area)
+            fields["first"].append(r.absorbed_first)
+    patch, area, key_area, first = (np.concatenate(fields[k]).astype(np.int64) for k in fields)
+    final = merge_with_absorptions(graph, mmu_px, patch, area, key_area, first, scale)
     return graph, final
 
 

@@ -99,9 +99,9 @@ def tile_digest(tile: np.ndarray) -> str:
     return hashlib.sha256(head + tile.tobytes()).hexdigest()
 
 
-_REDUCTION_FIELDS = ("code", "decided", "decided_code", "kept", "absorbed_into", "absorbed_area", "absorbed_first")
-#: What the global merge needs of a tile (the rest is read again to write its lookup table).
-_MERGE_FIELDS = ("absorbed_into", "absorbed_area", "absorbed_first")
+_MERGE_FIELDS = ("absorbed_into", "absorbed_area", "absorbed_key_area", "absorbed_first")
+_REDUCTION_FIELDS = ("code", "decided", "decided_code", "kept", *_MERGE_FIELDS)
+#: (What the global merge needs of a tile; the rest is read again to write its lookup table.)
 
 
 def save_reduction(reduction: TileReduction, path: str | os.PathLike[str], digest: str = "") -> Path:
