@@ -8,13 +8,12 @@ tile size. Each step of the rules (MMU, width, MMU) runs as independent per-tile
 (on the workers) and, for the MMU steps, one global decision:
 
 1. **measure** (per tile): the patch table of the step's input tile
-   (:func:`clc_dask.generalize.patchgraph.block_patches`: codes, areas, first pixels,
-   borders, edge labels);
-2. **decide** (once): the patches that can be decided inside their tile are decided on the
-   worker that measured it (:func:`clc_dask.generalize.merge.reduce_tile`); the rest of the
-   tables are joined across tile edges and every remaining small patch gets its new class
-   (:func:`clc_dask.generalize.merge.decide`); the decision is saved as one lookup table per
-   tile (local patch label → new code);
+   (:func:`clc_dask.generalize.patchgraph.block_patches`), and the decisions that can be
+   taken inside the tile (:func:`clc_dask.generalize.merge.reduce_tile`): about nine
+   patches in ten on prediction-like maps; the rest of the table is kept;
+2. **decide** (once, on the client): the kept tables are joined across tile edges and every
+   remaining small patch gets its new class (:func:`clc_dask.generalize.merge.decide`); the
+   decision is saved as one lookup table per tile (local patch label → new code);
 3. **apply** (per tile): the tile relabelled with its lookup table.
 
 The width step is per tile too: each tile with the halo the rule needs
@@ -99,9 +98,9 @@ def tile_digest(tile: np.ndarray) -> str:
     return hashlib.sha256(head + tile.tobytes()).hexdigest()
 
 
+# what the global merge needs of a tile (the rest is read again to write its lookup table)
 _MERGE_FIELDS = ("absorbed_into", "absorbed_area", "absorbed_key_area", "absorbed_first")
 _REDUCTION_FIELDS = ("code", "decided", "decided_code", "kept", *_MERGE_FIELDS)
-#: (What the global merge needs of a tile; the rest is read again to write its lookup table.)
 
 
 def save_reduction(reduction: TileReduction, path: str | os.PathLike[str], digest: str = "") -> Path:
