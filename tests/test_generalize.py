@@ -34,11 +34,13 @@ from clc_dask.generalize import (
     generalize,
     generalize_array,
     label_equal,
+    qml_style,
     rules_for,
+    sld_style,
+    vectorize,
     width_step,
 )
 from clc_dask.rasters import to_dataarray
-from clc_dask.vectorize import qml_style, sld_style, vectorize
 
 LEVEL2 = np.array([11, 12, 21, 23, 24, 31, 32, 41, 51], dtype=np.uint8)
 

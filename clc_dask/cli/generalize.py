@@ -8,6 +8,9 @@ from typing import Annotated
 
 import typer
 
+from clc_dask.cluster import connect
+from clc_dask.generalize import generalize_file
+
 
 def generalize_command(
     input_path: Annotated[Path, typer.Option(
@@ -31,21 +34,11 @@ def generalize_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
 ) -> None:
     """Generalize a class map to CORINE rules, chunk by chunk (identical to the whole map in memory)."""
-    from clc_dask.generalize import generalize_file
-
-    client = None
-    if scheduler:
-        from clc_dask.cluster import get_client
-
-        client = get_client(scheduler, kind="address")
-    try:
+    with connect(scheduler):
         summary = generalize_file(
             input_path, out, mmu_ha=mmu_ha, min_width_m=min_width_m, connectivity=connectivity,
             vector=vector, level=level, chunk_size=chunk_size, compare_sieve=compare_sieve, overwrite=overwrite,
         )
-    finally:
-        if client is not None:
-            client.close()
     wy, wx = summary["min_width_px"]
     typer.echo(f"generalized (MMU {summary['mmu_px']} px, width {wy}×{wx} px, "
                f"{connectivity}-connected, Level {summary['level']}) → {out}")

@@ -50,8 +50,8 @@ from rasterio.transform import Affine
 from clc_dask.classes import colormap
 from clc_dask.demo import landcover, scenes, stac, zones
 from clc_dask.errors import ConfigError, InputError, OutputError
+from clc_dask.generalize import fixed_gpkg_date
 from clc_dask.stores import atomic_path
-from clc_dask.vectorize import fixed_gpkg_date
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from odc.geo.xr import rasterize
 
 from clc_dask.classes import colormap
 from clc_dask.errors import OutputError
-from clc_dask.generalize import generalize_array
+from clc_dask.generalize import fixed_gpkg_date, generalize_array, qml_style, sld_style, vectorize
 from clc_dask.grid import Tile
 from clc_dask.load import load_scenes
 from clc_dask.mosaic import seasonal_mosaic
@@ -55,7 +55,6 @@ from clc_dask.run.store import (
     write_text,
     write_zarr_tile,
 )
-from clc_dask.vectorize import fixed_gpkg_date, qml_style, sld_style, vectorize
 
 log = logging.getLogger(__name__)
 
