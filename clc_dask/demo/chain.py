@@ -33,7 +33,7 @@ from clc_dask.cluster import connect
 from clc_dask.config import parse_run_config
 from clc_dask.demo.training import train_demo
 from clc_dask.evaluate import evaluate, write_report
-from clc_dask.generalize import generalize_file
+from clc_dask.generalize import fixed_gpkg_date, generalize_file
 from clc_dask.labels import make_labels, write_labels
 from clc_dask.mosaic import make_mosaic, write_mosaic
 from clc_dask.predict import predict_to_file
@@ -156,8 +156,9 @@ def step_generalize(ctx: DemoContext) -> dict[str, Any]:
     """CORINE rules (25 ha, 100 m) on the class map, with polygons and the GDAL-sieve comparison."""
     paths = ctx.outputs
     maps = _folders(ctx)["maps"]
-    summary = generalize_file(paths["prediction"], maps / "generalized.tif", vector=maps / "generalized.gpkg",
-                              level=DEMO_LEVEL, chunk_size=1024, compare_sieve=True, overwrite=True)
+    with fixed_gpkg_date(ctx.require_region().year):  # a reproducible GeoPackage
+        summary = generalize_file(paths["prediction"], maps / "generalized.tif", vector=maps / "generalized.gpkg",
+                                  level=DEMO_LEVEL, chunk_size=1024, compare_sieve=True, overwrite=True)
     paths["generalized"] = str(maps / "generalized.tif")
     keep = {k: v for k, v in summary.items() if isinstance(v, int | float | str)}
     return {"generalized": str(maps / "generalized.tif"), "polygons": str(maps / "generalized.gpkg"), **keep}
