@@ -42,6 +42,7 @@ class RunResult:
     collection: Path | None
     plan: RunPlan
     failed: dict[str, str] = field(default_factory=dict)
+    generalized: list[str] = field(default_factory=list)  # tiles whose generalized map was written now
 
 
 def execute_run(
@@ -102,8 +103,9 @@ def execute(ctx: RunContext, plan: RunPlan, *, client: Any = None,
         started = time.perf_counter()
         computed, failed = _compute(ctx, plan, processor, in_flight, progress)
         _log_throughput(plan, computed, time.perf_counter() - started, client)
+        generalized: list[str] = []
         if ctx.config.generalize.enabled and not failed:
-            _, failed = generalize_run(ctx, processor, client=client, in_flight=in_flight)
+            generalized, failed = generalize_run(ctx, processor, client=client, in_flight=in_flight)
         collection = publish_run(ctx.config, ctx.manifest, ctx.grid)
         ctx.manifest.complete = not failed and _finished(ctx)
         ctx.manifest.save()
@@ -113,7 +115,7 @@ def execute(ctx: RunContext, plan: RunPlan, *, client: Any = None,
             f"{len(failed)} tile(s) failed ({details}). The {len(ctx.manifest.tiles)} finished tile(s) are "
             "recorded and published: fix the cause and run again with `resume`."
         )
-    return RunResult(ctx.store, computed, plan.skipped, collection, plan, failed)
+    return RunResult(ctx.store, computed, plan.skipped, collection, plan, failed, generalized)
 
 
 def _start_store(ctx: RunContext, plan: RunPlan) -> None:
