@@ -227,7 +227,9 @@ def sld_style(level: int = 2, layer: str = "clc", field: str = CODE_FIELD) -> st
 
 def _embed_style(gpkg: Path, layer: str, qml: str, sld: str) -> None:
     """Store the style as the layer's default in ``layer_styles`` (QGIS's convention)."""
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    # the date GDAL stamps the file with (fixed by fixed_gpkg_date), so the file is reproducible
+    now = pyogrio.get_gdal_config_option("OGR_CURRENT_DATE") or dt.datetime.now(dt.UTC).strftime(
+        "%Y-%m-%dT%H:%M:%S.000Z")
     with sqlite3.connect(gpkg) as db:
         db.execute(
             "CREATE TABLE IF NOT EXISTS layer_styles (id INTEGER PRIMARY KEY AUTOINCREMENT, "
