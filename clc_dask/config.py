@@ -6,6 +6,7 @@ Errors name the offending field (``grid.epsg: …``) and say what to change.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -150,13 +151,26 @@ class ClassesConfig(_Strict):
 
 
 class GeneralizeConfig(_Strict):
+    """CORINE rules applied to the whole run's class map (phase 2 of a run)."""
+
     enabled: bool = True
     mmu_ha: float = Field(25.0, ge=0, description="minimum mapping unit in hectares")
     min_width_m: float = Field(100.0, ge=0, description="minimum width in metres")
-    tile_margin_px: int = Field(
-        0, ge=0, description="px of predicted surroundings generalized with each tile in a run "
-        "(rounded up to whole model windows); patches crossing tile edges are judged with this much context"
+    tile_margin_px: int | None = Field(
+        None, ge=0, description="deprecated and ignored: a run generalizes its whole map at once, so "
+        "tile edges leave no trace", exclude=True,
     )
+
+    @field_validator("tile_margin_px")
+    @classmethod
+    def _deprecated_margin(cls, value: int | None) -> int | None:
+        if value is not None:
+            warnings.warn(
+                "generalize.tile_margin_px is deprecated and ignored: a run now generalizes its whole "
+                "class map at once (patches crossing tile edges are judged whole). Remove it from the config.",
+                DeprecationWarning, stacklevel=2,
+            )
+        return value
 
 
 class OutputConfig(_Strict):
@@ -175,7 +189,11 @@ class ClusterConfig(_Strict):
     n_workers: int | None = Field(None, gt=0)
     threads_per_worker: int | None = Field(None, gt=0)
     memory_limit: str | None = Field(None, description="per worker, e.g. '4GiB'")
-    tiles_per_batch: int = Field(4, gt=0, description="tiles computed per submitted graph")
+    tiles_in_flight: int | None = Field(
+        None, gt=0, description="tiles on the cluster at once; the next is submitted as one finishes "
+        "(default: twice the workers' threads, at least 2)")
+    tiles_per_batch: int | None = Field(
+        None, gt=0, description="former name of tiles_in_flight (still accepted)", exclude=True)
 
     @model_validator(mode="after")
     def _address_given(self) -> ClusterConfig:

@@ -298,7 +298,10 @@ def infer_region(
     side = grid.input_size
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
-        inputs = np.empty((len(batch), dn.shape[0], side, side), dtype=np.int32)
+        # every forward pass has the same shape: a partial batch is filled with no-data windows,
+        # because kernels chosen for another batch size may round differently, and a window's
+        # classes must not depend on how many windows its block happened to hold
+        inputs = np.zeros((batch_size, dn.shape[0], side, side), dtype=np.int32)
         for n, (i, j, *_) in enumerate(batch):
             top, left = i * grid.window - grid.before - oy, j * grid.window - grid.before - ox
             if top < 0 or left < 0 or top + side > dn.shape[1] or left + side > dn.shape[2]:

@@ -103,7 +103,7 @@ raw = {
     "classes": {"level": LEVEL},
     "generalize": {"mmu_ha": MMU_HA, "min_width_m": MIN_WIDTH_M},
     "output": {"store": "store", "formats": ["cog"], "vectorize": True},
-    "cluster": {"kind": "local", "tiles_per_batch": 2},
+    "cluster": {"kind": "local", "tiles_in_flight": 2},
 }
 config_path = paths.run / "run.yaml"
 config_path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")

@@ -113,15 +113,20 @@ def store_files(store: Path) -> dict[str, bytes]:
     out = {}
     for path in sorted(store.rglob("*")):
         rel = path.relative_to(store).as_posix()
-        if path.is_file() and rel not in ("manifest.json", "run.yaml") and not rel.startswith("performance"):
+        if path.is_file() and rel not in ("manifest.json", "manifest.journal", "run.yaml") \
+                and not rel.startswith("performance"):
             out[rel] = path.read_bytes()
     return out
 
 
 def manifest_without_times(store: Path) -> dict:
     data = json.loads((store / "manifest.json").read_text())
-    for entry in data["tiles"].values():
-        entry.pop("finished")
+    for phase in ("tiles", "generalized"):
+        for entry in data[phase].values():
+            entry.pop("finished")
+            for record in entry["files"].values():
+                record.pop("mtime_ns")
+    data["state"]["polygons"].pop("mtime_ns", None)
     return data
 
 
@@ -145,21 +150,26 @@ def stitched(store: Path, name: str, grid: TileGrid) -> np.ndarray:
 
 
 def test_tile_layout_puts_the_array_origin_on_the_window_grid(root, region):
-    config = load_run_config(write_config(root, region, "layout", generalize={"tile_margin_px": 100}))
+    config = load_run_config(write_config(root, region, "layout"))
     grid = TileGrid(snapped_geobox((0, 0, 10 * 1000, 10 * 700), region.epsg, 10), TILE)
     for tile in grid:
         layout = TileLayout.for_tile(tile, config)
-        assert layout.margin == WINDOW  # 100 px rounded up to whole windows
         assert layout.context == HALO and min(layout.before) >= layout.context and layout.after >= HALO
         arr = layout.array_geobox
         col, row = (~grid.geobox.affine) * (arr.affine * (0, 0))
         assert round(row) % WINDOW == 0 and round(col) % WINDOW == 0, tile.name  # same windows as one big map
         ys, xs = layout.array_chunks()
         assert (sum(ys), sum(xs)) == (arr.shape.y, arr.shape.x)
-        assert layout.region_geobox.shape.y == tile.geobox.shape.y + 2 * WINDOW
-        assert layout.load_geobox.shape.x == tile.geobox.shape.x + 2 * (WINDOW + HALO)
-        crop_y, crop_x = layout.crop
-        assert layout.region_geobox[crop_y, crop_x] == tile.geobox
+        assert layout.load_geobox.shape.x == tile.geobox.shape.x + 2 * HALO
+        by, bx = layout.before
+        assert arr[by:by + tile.geobox.shape.y, bx:bx + tile.geobox.shape.x] == tile.geobox
+
+
+def test_tile_margin_is_deprecated_and_ignored(root, region):
+    with pytest.warns(DeprecationWarning, match="tile_margin_px is deprecated"):
+        config = load_run_config(write_config(root, region, "margin", generalize={"tile_margin_px": 100}))
+    plain = load_run_config(write_config(root, region, "margin"))
+    assert R.context.settings_fingerprint(config) == R.context.settings_fingerprint(plain)
 
 
 def test_dry_run_turkey_offline(root, tmp_path):
@@ -235,9 +245,10 @@ def test_run_from_a_stac_api_over_http(root, region, reference, demo_servers):
     assert result.computed == ["2_2"]
     saved = json.loads((result.store / "items.json").read_text())
     assert all(a["href"].startswith("http") for f in saved["features"] for a in f["assets"].values())
-    for name in ("classes.tif", "generalized.tif", "polygons.gpkg"):
-        assert (result.store / "tiles" / "2_2" / name).read_bytes() == \
-            (reference.store / "tiles" / "2_2" / name).read_bytes()
+    assert (result.store / "tiles" / "2_2" / "classes.tif").read_bytes() == \
+        (reference.store / "tiles" / "2_2" / "classes.tif").read_bytes()
+    # the generalization waits for the whole map: a patch cut by a tile edge is judged whole
+    assert not (result.store / "tiles" / "2_2" / "generalized.tif").exists() and result.generalized == []
 
 
 def test_batches_keep_graphs_under_the_task_limit(root, region, monkeypatch):
@@ -271,11 +282,9 @@ def test_run_outputs_are_seamless_generalized_and_published(reference, root, reg
     present = set(np.unique(classes).tolist())
     assert len(present) >= 3 and present <= set(CODES) | {0}
 
-    # each tile generalized to the CORINE rules on its own (tile_margin_px 0)
+    # the whole map generalized at once: patches cut by tile edges are judged whole
     generalized = stitched(store, "generalized", grid)
-    for tile in grid:
-        expected = generalize_array(classes[tile.pixel_slices], 10.0, MMU_HA, WIDTH_M)
-        np.testing.assert_array_equal(generalized[tile.pixel_slices], expected)
+    np.testing.assert_array_equal(generalized, generalize_array(classes, 10.0, MMU_HA, WIDTH_M))
     assert (generalized != classes).any()
 
     # COGs: tile grid, nodata 0, official colours; Zarr chunks are the tiles
@@ -290,14 +299,23 @@ def test_run_outputs_are_seamless_generalized_and_published(reference, root, reg
     np.testing.assert_array_equal(zarr_map["classes"].values, classes)
     np.testing.assert_array_equal(zarr_map["generalized"].values, generalized)
 
-    polygons = gpd.read_file(store / "tiles" / "1_1" / "polygons.gpkg")
-    assert set(polygons["CODE_18"].astype(int)) == set(np.unique(generalized[grid.tile("1_1").pixel_slices])) - {0}
-    assert polygons["area_ha"].sum() == pytest.approx((generalized[:TILE, :TILE] > 0).sum() / 100)
-    assert (store / "styles" / "polygons.qml").exists()
+    # one vector layer, dissolved across tile edges, with the raster's class areas
+    polygons = gpd.read_file(store / "polygons.gpkg", layer="clc")
+    assert set(polygons["CODE_18"].astype(int)) == set(np.unique(generalized)) - {0}
+    for code, area in polygons.groupby(polygons["CODE_18"].astype(int))["area_ha"].sum().items():
+        assert area == pytest.approx((generalized == code).sum() / 100)
+    for code, group in polygons.groupby("CODE_18"):
+        shared = [(a, b) for a in range(len(group)) for b in range(a + 1, len(group))
+                  if group.geometry.iloc[a].intersection(group.geometry.iloc[b]).length > 0]
+        assert shared == [], f"class {code}: polygons sharing an edge were not dissolved"
+    edges = [tile.geobox.extent.geom.boundary for tile in grid]
+    assert any(geom.crosses(edge) for geom in polygons.geometry for edge in edges)  # across tiles
+    assert (store / "polygons.qml").exists() and (store / "polygons.sld").exists()
 
     # STAC: a Collection and an Item per tile, pointing at the files with their checksums
     collection = json.loads((store / "stac" / "collection.json").read_text())
     assert collection["id"] == "demo-run" and collection["assets"]["zarr"]["href"] == "../map.zarr"
+    assert collection["assets"]["polygons"]["href"] == "../polygons.gpkg"
     assert [link["href"] for link in collection["links"] if link["rel"] == "item"] == [
         f"./demo-run-{t}/demo-run-{t}.json" for t in TILES]
     item_path = store / "stac" / "demo-run-1_2" / "demo-run-1_2.json"
@@ -309,7 +327,7 @@ def test_run_outputs_are_seamless_generalized_and_published(reference, root, reg
     assert props["clc_dask:config"]["generalize"]["mmu_ha"] == MMU_HA
     assert props["clc_dask:config"]["output"]["store"] == "."
     assert props["clc_dask:version"] and props["start_datetime"] == "2018-09-01T00:00:00Z"
-    for key in ("classes", "generalized", "polygons"):
+    for key in ("classes", "generalized"):
         asset = item["assets"][key]
         target = (item_path.parent / asset["href"]).resolve()
         assert target == (store / "tiles" / "1_2" / Path(asset["href"]).name).resolve()
@@ -317,28 +335,6 @@ def test_run_outputs_are_seamless_generalized_and_published(reference, root, reg
     codes = [c["value"] for c in item["assets"]["classes"]["classification:classes"]]
     assert 0 in codes and set(CODES) <= set(codes)
     assert "created" not in props and "updated" not in props  # deterministic metadata
-
-
-def test_tile_margin_generalizes_with_the_surroundings(reference, root, region):
-    config = load_run_config(write_config(root, region, "margin", generalize={"tile_margin_px": 100}))
-    result = R.execute_run(config, tile_names=["1_1"])
-    assert result.computed == ["1_1"]
-    grid = reference.plan.grid
-    classes = stitched(reference.store, "classes", grid)
-    with rasterio.open(result.store / "tiles" / "1_1" / "classes.tif") as src:
-        np.testing.assert_array_equal(src.read(1), classes[:TILE, :TILE])  # the class map ignores the margin
-    # the tile generalized together with 128 px (one window) of predicted surroundings;
-    # beyond the grid lies the outside of the AOI (no data)
-    margin = WINDOW
-    region_codes = np.zeros((TILE + 2 * margin, TILE + 2 * margin), dtype=np.uint8)
-    region_codes[margin:, margin:] = classes[: TILE + margin, : TILE + margin]
-    expected = generalize_array(region_codes, 10.0, MMU_HA, WIDTH_M)[margin:-margin, margin:-margin]
-    with rasterio.open(result.store / "tiles" / "1_1" / "generalized.tif") as src:
-        generalized = src.read(1)
-        assert src.tags()["tile_margin_px"] == str(margin)
-    np.testing.assert_array_equal(generalized, expected)
-    alone = generalize_array(classes[:TILE, :TILE], 10.0, MMU_HA, WIDTH_M)
-    assert (generalized != alone).any()  # the surroundings changed decisions near the tile edges
 
 
 def test_run_refuses_bad_input_before_writing(root, region, tmp_path):
@@ -409,12 +405,15 @@ def test_no_item_points_at_missing_or_partial_files(root, region, reference, tmp
     published = CliRunner().invoke(app, ["run", "--config", str(path), "--publish-only"])
     assert published.exit_code == 0, published.output
     items = sorted(p.name for p in (store / "stac").iterdir() if p.is_dir())
-    assert items == ["demo-run-1_1", "demo-run-2_2"]
+    assert items == ["demo-run-1_1", "demo-run-1_2", "demo-run-2_2"]
+    item = json.loads((store / "stac" / "demo-run-1_2" / "demo-run-1_2.json").read_text())
+    assert sorted(item["assets"]) == ["classes"]  # its broken generalized map is not published
     collection = json.loads((store / "stac" / "collection.json").read_text())
-    assert len([link for link in collection["links"] if link["rel"] == "item"]) == 2
-    # resuming recomputes exactly those tiles, and the outputs are whole again
+    assert len([link for link in collection["links"] if link["rel"] == "item"]) == 3
+    # resuming recomputes exactly those files, and the outputs are whole again
     result = R.execute_run(config, resume=True)
-    assert sorted(result.computed) == ["1_2", "2_1"] and sorted(result.skipped) == ["1_1", "2_2"]
+    assert result.computed == ["2_1"] and sorted(result.skipped) == ["1_1", "1_2", "2_2"]
+    assert sorted(result.generalized) == ["1_2", "2_1"]
     assert_same_outputs(store, reference.store)
 
 

@@ -73,7 +73,7 @@ def register(app: typer.Typer) -> None:
         ctx = resolve_run(cfg, tile_names=names, resume=resume, overwrite=overwrite)
         plan = plan_run(ctx)
         typer.echo(f"{len(plan.tiles)} tile(s) to compute, {len(plan.skipped)} already finished, "
-                   f"{len(plan.batches)} batch(es); output {ctx.store}", err=True)
+                   f"{plan.in_flight} at a time; output {ctx.store}", err=True)
         report = performance_report or cfg.output.performance_report
         if report and importlib.util.find_spec("bokeh") is None:
             raise ConfigError("A Dask performance report needs bokeh: pip install 'bokeh>=3.1,<3.10', "

@@ -181,7 +181,7 @@ def demo_run_config(ctx: DemoContext) -> dict[str, Any]:
         "classes": {"level": DEMO_LEVEL},
         "generalize": {"enabled": True, "mmu_ha": 25, "min_width_m": 100},
         "output": {"store": str(_folders(ctx)["run"]), "formats": ["cog"], "vectorize": True},
-        "cluster": {"kind": "local", "n_workers": 2, "threads_per_worker": 1, "tiles_per_batch": 2},
+        "cluster": {"kind": "local", "n_workers": 2, "threads_per_worker": 1, "tiles_in_flight": 4},
     }
 
 

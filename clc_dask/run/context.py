@@ -203,14 +203,13 @@ class RunContext:
         return season_window(self.season, self.config.imagery.year)
 
     def layout(self, tile: Tile) -> TileLayout:
-        """Where the tile's arrays lie (load area, padding, margin)."""
+        """Where the tile's arrays lie (load area, padding)."""
         return TileLayout.for_tile(tile, self.config)
 
     @property
     def search_margin_m(self) -> float:
-        """Metres around the AOI whose scenes are read too (generalization margin + context)."""
-        layout = self.layout(self.grid.tile("1_1"))
-        return (layout.margin + layout.context) * self.config.grid.resolution
+        """Metres around the AOI whose scenes are read too (the network's context)."""
+        return self.layout(self.grid.tile("1_1")).context * self.config.grid.resolution
 
 
 

@@ -1,5 +1,5 @@
-"""Executing a run: write its files, compute its tiles batch by batch, record each finished
-tile in the manifest, and publish the STAC catalog last."""
+"""Executing a run: phase 1 (class tiles flowing over the cluster, each journaled when
+written), phase 2 (the whole map generalized, one vector layer), then the STAC catalog."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from typing import Any
 from clc_dask.config import RunConfig, dump_run_config
 from clc_dask.errors import ClcDaskError
 from clc_dask.run.context import RunContext, resolve_run, select_tiles
-from clc_dask.run.plan import RunPlan, plan_run
+from clc_dask.run.generalized import POLYGONS_STATE, generalize_run
+from clc_dask.run.plan import RunPlan, plan_run, tiles_in_flight
 from clc_dask.run.publish import publish_run
 from clc_dask.run.store import (
     CONFIG_FILE,
@@ -24,8 +25,9 @@ from clc_dask.run.store import (
     store_lock,
     write_text,
 )
-from clc_dask.run.tiles import TileFailure, TileOutput, TileProcessor
+from clc_dask.run.tiles import TileFailure, TileProcessor
 from clc_dask.search import save_item_collection
+from clc_dask.stores import remove_leftovers
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class RunResult:
     collection: Path | None
     plan: RunPlan
     failed: dict[str, str] = field(default_factory=dict)
+    generalized: list[str] = field(default_factory=list)  # tiles whose generalized map was written now
 
 
 def execute_run(
@@ -59,12 +62,13 @@ def execute_run(
 
     Args:
         config: the validated run config (:func:`clc_dask.config.load_run_config`).
-        tile_names: only these ``row_col`` tiles (default: every tile meeting the AOI).
+        tile_names: only these ``row_col`` tiles (default: every tile meeting the AOI). The
+            generalization (phase 2) runs once every tile of the AOI has its class map.
         resume: continue a run whose store holds some finished tiles (they are skipped when
             their files still match their checksums).
         overwrite: replace the outputs of another run (or a finished run) in the store.
-        client: a distributed client (tiles of a batch run concurrently on its workers), or
-            None for dask's threaded scheduler in this process.
+        client: a distributed client (tiles flow over its workers, which write them: the
+            store must be on storage they share), or None for dask's threaded scheduler here.
         progress: called with each tile's name when it is finished or skipped.
     """
     ctx = resolve_run(config, tile_names=tile_names, resume=resume, overwrite=overwrite)
@@ -73,13 +77,18 @@ def execute_run(
 
 def execute(ctx: RunContext, plan: RunPlan, *, client: Any = None,
             progress: Callable[[str], None] | None = None) -> RunResult:
-    """Write the run's files and compute its tiles batch by batch; publish STAC last.
+    """Write the run's files, compute its tiles (phase 1) and generalize the whole map
+    (phase 2); publish STAC last.
 
     Raises:
         ClcDaskError: some tiles failed (the others are recorded; fix and resume).
         OutputError: another process holds the store.
     """
     with store_lock(ctx.store):
+        removed = remove_leftovers(ctx.store)
+        if removed:
+            log.info("removed %d leftover(s) of an interrupted run: %s", len(removed),
+                     ", ".join(p.name for p in removed[:5]))
         _start_store(ctx, plan)
         processor = TileProcessor(ctx, client=client)
         processor.prepare_store()
@@ -90,12 +99,15 @@ def execute(ctx: RunContext, plan: RunPlan, *, client: Any = None,
             log.info("tile %s already finished: skipped", name)
             if progress:
                 progress(name)
+        in_flight = _in_flight(ctx, plan, client)
         started = time.perf_counter()
-        computed, failed = _compute(ctx, plan, processor, progress)
+        computed, failed = _compute(ctx, plan, processor, in_flight, progress)
         _log_throughput(plan, computed, time.perf_counter() - started, client)
+        generalized: list[str] = []
+        if ctx.config.generalize.enabled and not failed:
+            generalized, failed = generalize_run(ctx, processor, client=client, in_flight=in_flight)
         collection = publish_run(ctx.config, ctx.manifest, ctx.grid)
-        every_tile = select_tiles(ctx.grid, ctx.aoi, None)
-        ctx.manifest.complete = not failed and all(ctx.manifest.is_done(t.name) for t in every_tile)
+        ctx.manifest.complete = not failed and _finished(ctx)
         ctx.manifest.save()
     if failed:
         details = "; ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
@@ -103,7 +115,7 @@ def execute(ctx: RunContext, plan: RunPlan, *, client: Any = None,
             f"{len(failed)} tile(s) failed ({details}). The {len(ctx.manifest.tiles)} finished tile(s) are "
             "recorded and published: fix the cause and run again with `resume`."
         )
-    return RunResult(ctx.store, computed, plan.skipped, collection, plan, failed)
+    return RunResult(ctx.store, computed, plan.skipped, collection, plan, failed, generalized)
 
 
 def _start_store(ctx: RunContext, plan: RunPlan) -> None:
@@ -120,31 +132,51 @@ def _start_store(ctx: RunContext, plan: RunPlan) -> None:
     if (manifest.fresh or not (store / ITEMS_FILE).exists()) and ctx.items is not None:
         save_item_collection(ctx.items, store / ITEMS_FILE)
     write_text(store / CONFIG_FILE, dump_run_config(ctx.config))
-    for name in [t.name for t in plan.tiles if t.name in manifest.tiles]:
-        manifest.forget(name)  # recorded, but its files changed: recomputed below
+    for tile in plan.tiles:  # recorded but changed, or never finished: computed again below
+        if tile.name in manifest.tiles:
+            manifest.forget(tile.name)
+        if tile.name in manifest.generalized:
+            manifest.forget(tile.name, phase="generalized")
     manifest.save()
 
 
-def _compute(ctx: RunContext, plan: RunPlan, processor: TileProcessor,
+def _in_flight(ctx: RunContext, plan: RunPlan, client: Any) -> int:
+    """Tiles on the cluster at once: the plan's, or twice the cluster's threads by default."""
+    cluster = ctx.config.cluster
+    if client is None or cluster.tiles_in_flight or cluster.tiles_per_batch:
+        return plan.in_flight
+    threads = sum(w.get("nthreads", 1) for w in client.scheduler_info().get("workers", {}).values())
+    return tiles_in_flight(max(2, 2 * threads), plan.estimates)
+
+
+def _compute(ctx: RunContext, plan: RunPlan, processor: TileProcessor, in_flight: int,
              progress: Callable[[str], None] | None) -> tuple[list[str], dict[str, str]]:
     computed: list[str] = []
     failed: dict[str, str] = {}
-    for number, batch in enumerate(plan.batches, start=1):
-        log.info("batch %d/%d: tiles %s", number, len(plan.batches), ", ".join(t.name for t in batch))
-        for out in processor.process_batch(batch):
-            if isinstance(out, TileFailure):
-                failed[out.tile.name] = f"{type(out.error).__name__}: {out.error}"
-                log.error("tile %s failed: %s", out.tile.name, failed[out.tile.name])
-                continue
-            assert isinstance(out, TileOutput)
-            ctx.manifest.record(out.tile.name, out.files, out.extra, out.extra_files)
-            computed.append(out.tile.name)
-            log.info("tile %s finished (%d/%d)", out.tile.name, len(computed), len(plan.tiles))
-            if progress:
-                progress(out.tile.name)
-        if failed:
-            break
+    if plan.tiles:
+        log.info("computing %d tile(s), %d at a time", len(plan.tiles), in_flight)
+    for out in processor.run(plan.tiles, in_flight):
+        if isinstance(out, TileFailure):
+            failed[out.tile.name] = f"{type(out.error).__name__}: {out.error}"
+            log.error("tile %s failed: %s", out.tile.name, failed[out.tile.name])
+            continue
+        ctx.manifest.record(out.tile.name, out.files, out.extra, out.extra_files, hashes=out.hashes)
+        computed.append(out.tile.name)
+        log.info("tile %s finished (%d/%d)", out.tile.name, len(computed), len(plan.tiles))
+        if progress:
+            progress(out.tile.name)
     return computed, failed
+
+
+def _finished(ctx: RunContext) -> bool:
+    """Every tile of the AOI has its class map (and generalized map, and the polygons)."""
+    every = select_tiles(ctx.grid, ctx.aoi, None)
+    if not all(ctx.manifest.is_done(t.name) for t in every):
+        return False
+    if not ctx.config.generalize.enabled:
+        return True
+    generalized = all(ctx.manifest.is_done(t.name, phase="generalized") for t in every)
+    return generalized and (not ctx.config.output.vectorize or bool(ctx.manifest.state.get(POLYGONS_STATE)))
 
 
 def _log_throughput(plan: RunPlan, computed: Sequence[str], seconds: float, client: Any) -> None:

@@ -1,5 +1,5 @@
-"""Where a tile's arrays lie: the loaded area, the no-data padding that puts the inference
-windows on the run grid's window grid, the predicted region and the tile inside it."""
+"""Where a tile's arrays lie: the loaded area (tile + the network's context) and the no-data
+padding that puts the inference windows on the run grid's window grid."""
 
 from __future__ import annotations
 
@@ -25,16 +25,14 @@ class TileLayout:
 
     Attributes:
         tile: the tile.
-        margin: predicted surroundings generalized with the tile (px, whole windows).
-        context: real imagery loaded around the margin for the network (px).
-        before: (y, x) no-data-padded context before the margin, putting the array origin
+        context: real imagery loaded around the tile for the network (px).
+        before: (y, x) no-data-padded context before the tile, putting the array origin
             on the run grid's window grid (px, ≥ ``context``).
-        after: context after the margin (px, ≥ ``context``).
+        after: context after the tile (px, ≥ ``context``).
         chunk: dask chunk edge inside the tile (px).
     """
 
     tile: Tile
-    margin: int
     context: int
     before: tuple[int, int]
     after: int
@@ -42,15 +40,14 @@ class TileLayout:
 
     @classmethod
     def for_tile(cls, tile: Tile, config: RunConfig) -> TileLayout:
-        """The layout of ``tile`` under the config's window, halo, margin and chunk size."""
+        """The layout of ``tile`` under the config's window, halo and chunk size."""
         windows = window_grid(config.model.window, config.model.halo)
         window = windows.window
-        margin = math.ceil(config.generalize.tile_margin_px / window) * window if config.generalize.enabled else 0
         context = max(windows.before, windows.after)
-        starts = (tile.pixel_slices[0].start - margin, tile.pixel_slices[1].start - margin)
+        starts = (tile.pixel_slices[0].start, tile.pixel_slices[1].start)
         before = tuple(context + (s - context) % window for s in starts)
         after = math.ceil(context / window) * window
-        return cls(tile, margin, context, (int(before[0]), int(before[1])), after, config.grid.chunk_size)
+        return cls(tile, context, (int(before[0]), int(before[1])), after, config.grid.chunk_size)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -59,40 +56,29 @@ class TileLayout:
 
     @property
     def load_geobox(self) -> GeoBox:
-        """The grid the scenes are loaded on: tile + margin + context on every side."""
-        return self.tile.geobox.pad(self.margin + self.context)
-
-    @property
-    def region_geobox(self) -> GeoBox:
-        """Tile + margin: what is predicted and generalized."""
-        return self.tile.geobox.pad(self.margin) if self.margin else self.tile.geobox
+        """The grid the scenes are loaded on: the tile + context on every side."""
+        return self.tile.geobox.pad(self.context)
 
     @property
     def array_geobox(self) -> GeoBox:
-        """The inference array: region + no-data-padded context (origin on the window grid)."""
-        pad = self.margin + max(*self.before, self.after)
+        """The inference array: the tile + no-data-padded context (origin on the window grid)."""
+        pad = max(*self.before, self.after)
         big = self.tile.geobox.pad(pad)
-        (ny, nx), m = self.shape, self.margin
+        ny, nx = self.shape
         by, bx = self.before
-        return big[pad - m - by: pad + ny + m + self.after, pad - m - bx: pad + nx + m + self.after]
-
-    @property
-    def crop(self) -> tuple[slice, slice]:
-        """The tile inside the region (tile + margin)."""
-        (ny, nx), m = self.shape, self.margin
-        return slice(m, m + ny), slice(m, m + nx)
+        return big[pad - by: pad + ny + self.after, pad - bx: pad + nx + self.after]
 
     def array_chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Chunks of the inference array: padding, margin, tile chunks, margin, padding."""
+        """Chunks of the inference array: padding, the tile's chunks, padding."""
         out = []
         for axis, n in enumerate(self.shape):
             inner = [self.chunk] * (n // self.chunk) + ([n % self.chunk] if n % self.chunk else [])
-            sizes = [self.before[axis], self.margin, *inner, self.margin, self.after]
+            sizes = [self.before[axis], *inner, self.after]
             out.append(tuple(s for s in sizes if s))
         return out[0], out[1]
 
     def load_pixels(self) -> int:
-        """Pixels of the loaded grid (tile + margin + context)."""
+        """Pixels of the loaded grid (tile + context)."""
         gb = self.load_geobox
         return gb.shape.y * gb.shape.x
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,9 @@ REVISIT_DAYS = 5.0
 GRANULE_KM, GRANULE_SPACING_KM = 109.8, 100.0
 #: Bytes per 10 m pixel of SCL (uint8 at 20 m).
 SCL_BYTES_PER_PIXEL = 0.25
+#: Tiles on the cluster at once when the config does not say (the run uses twice the
+#: workers' threads when it knows the cluster).
+DEFAULT_IN_FLIGHT = 4
 #: Keep each submitted graph this far below the scheduler's comfort zone (~500k tasks).
 MAX_TASKS_PER_GRAPH = 200_000
 #: Task counts of a tile's optimized graph per unit (see :func:`estimate_tile`), measured on
@@ -55,10 +58,10 @@ class TileEstimate:
     """What one tile will cost."""
 
     scenes: float  # scenes overlapping the tile (catalog count or revisit expectation)
-    pixels_read: int  # pixels loaded per scene (tile + margin + context)
+    pixels_read: int  # pixels loaded per scene (tile + context)
     bytes_to_read: float  # uncompressed upper bound: scenes × pixels_read × bytes per pixel
     tasks: int  # tasks of the tile's graph
-    pixels_predicted: int  # class-map pixels (tile + margin)
+    pixels_predicted: int  # class-map pixels (the tile)
 
 
 def bytes_per_pixel(config: RunConfig) -> float:
@@ -73,7 +76,7 @@ def estimate_tile(config: RunConfig, layout: TileLayout, scenes: float) -> TileE
     :class:`clc_dask.run.tiles.TileProcessor`): stackstac reads each band of each loaded chunk
     in one task (all dates), the mosaic adds a fixed number per loaded chunk, padding the
     mosaic onto the inference chunks splits it into pieces (per band), and each inference
-    block of the tile (and margin) costs a fixed number.
+    block of the tile costs a fixed number.
     """
     bands = len(composite_bands(config.imagery.composite))
     load = layout.load_geobox
@@ -86,17 +89,15 @@ def estimate_tile(config: RunConfig, layout: TileLayout, scenes: float) -> TileE
     pieces = math.prod(_pieces(p, a) for p, a in zip(padded, (ys, xs), strict=True))
     padded_chunks = math.prod(len([s for s in p if s]) for p in padded)
     load_chunks = len(load_axes[0]) * len(load_axes[1])
-    m = layout.margin
-    blocks = math.prod(len(_regular(n, chunk)) + (2 if m else 0) for n in layout.shape)
+    blocks = math.prod(len(_regular(n, chunk)) for n in layout.shape)
     n = math.ceil(scenes) if scenes > 0 else 0
     tasks = 0 if n == 0 else (
         (bands + 1 + TASKS_PER_LOAD_CHUNK) * load_chunks + TASKS_PER_PIECE * bands * (pieces + padded_chunks)
         + TASKS_PER_ARRAY_CHUNK * len(ys) * len(xs) + TASKS_PER_BLOCK * blocks + TASKS_PER_SCENE * n
         + TASKS_PER_TILE)
-    region = layout.region_geobox
     pixels = load.shape.y * load.shape.x
     return TileEstimate(scenes=scenes, pixels_read=pixels, bytes_to_read=scenes * pixels * bytes_per_pixel(config),
-                        tasks=int(tasks), pixels_predicted=region.shape.y * region.shape.x)
+                        tasks=int(tasks), pixels_predicted=layout.shape[0] * layout.shape[1])
 
 
 def _regular(n: int, chunk: int) -> list[int]:
@@ -146,16 +147,26 @@ def revisit_scenes(config: RunConfig, tiles: Sequence[Tile]) -> dict[str, float]
 
 @dataclass
 class RunPlan:
-    """Tiles, batches and estimates of a run, before anything is read or written."""
+    """Tiles and estimates of a run, before anything is read or written.
+
+    Tiles flow through the cluster, at most ``in_flight`` at once; ``batches`` are the
+    successive groups of ``in_flight`` tiles (what is on the cluster at one time), kept to
+    show the graph sizes the scheduler will hold.
+    """
 
     config: RunConfig
     grid: TileGrid
     tiles: list[Tile]  # to process
     skipped: list[str]  # already finished (resume)
-    batches: list[list[Tile]]
+    in_flight: int
     estimates: dict[str, TileEstimate]
     scenes_source: str
     tiles_in_aoi: int = 0
+
+    @property
+    def batches(self) -> list[list[Tile]]:
+        """The tiles in groups of ``in_flight``, in the order they are submitted."""
+        return [self.tiles[i:i + self.in_flight] for i in range(0, len(self.tiles), self.in_flight)]
 
     @property
     def geobox(self) -> GeoBox:
@@ -194,6 +205,7 @@ class RunPlan:
             "tiles_already_done": len(self.skipped),
             "batches": len(self.batches),
             "tiles_per_batch": max((len(b) for b in self.batches), default=0),
+            "tiles_in_flight": self.in_flight,
             "area_km2": round(pixels * res**2 / 1e6, 1),
             "season": self.config.imagery.prediction_season,
             "year": self.config.imagery.year,
@@ -227,15 +239,17 @@ class RunPlan:
         return "\n".join(lines)
 
 
-def plan_run(ctx: RunContext, *, tiles_per_batch: int | None = None) -> RunPlan:
-    """Cut the run into batches and estimate its cost (reads no pixel, writes nothing).
+def plan_run(ctx: RunContext, *, in_flight: int | None = None) -> RunPlan:
+    """The tiles to compute and what they will cost (reads no pixel, writes nothing).
 
     Tiles the manifest records as finished (and whose files verify) are skipped; scenes are
     counted from the context's items, or estimated from the Sentinel-2 revisit without them.
 
     Args:
         ctx: the resolved run (:func:`clc_dask.run.resolve_run`).
-        tiles_per_batch: tiles per submitted graph (default: the config's ``cluster.tiles_per_batch``).
+        in_flight: tiles on the cluster at once (default: the config's ``cluster.tiles_in_flight``,
+            else :data:`DEFAULT_IN_FLIGHT`); lowered so that they hold fewer than
+            :data:`MAX_TASKS_PER_GRAPH` tasks together.
     """
     config = ctx.config
     manifest = None if ctx.manifest.fresh else ctx.manifest
@@ -249,30 +263,19 @@ def plan_run(ctx: RunContext, *, tiles_per_batch: int | None = None) -> RunPlan:
     else:
         counts, source = scenes_per_tile(ctx.items, todo, config), ctx.scenes_source
     estimates = {t.name: estimate_tile(config, TileLayout.for_tile(t, config), counts[t.name]) for t in todo}
-    batches = make_batches(todo, estimates, tiles_per_batch or config.cluster.tiles_per_batch)
-    return RunPlan(config, ctx.grid, todo, skipped, batches, estimates, source, ctx.tiles_in_aoi)
+    wanted = in_flight or config.cluster.tiles_in_flight or config.cluster.tiles_per_batch or DEFAULT_IN_FLIGHT
+    return RunPlan(config, ctx.grid, todo, skipped, tiles_in_flight(wanted, estimates), estimates, source,
+                   ctx.tiles_in_aoi)
 
 
-def make_batches(tiles: Sequence[Tile], estimates: dict[str, TileEstimate], tiles_per_batch: int) -> list[list[Tile]]:
-    """Consecutive tiles in batches of at most ``tiles_per_batch`` and ``MAX_TASKS_PER_GRAPH`` tasks."""
-    batches: list[list[Tile]] = []
-    current: list[Tile] = []
-    tasks = 0
-    lowered = False
-    for tile in tiles:
-        cost = estimates[tile.name].tasks
-        if current and (len(current) >= tiles_per_batch or tasks + cost > MAX_TASKS_PER_GRAPH):
-            lowered |= len(current) < tiles_per_batch
-            batches.append(current)
-            current, tasks = [], 0
-        current.append(tile)
-        tasks += cost
-    if current:
-        batches.append(current)
-    if lowered:
-        log.warning("batches hold fewer than %d tiles to keep graphs under %d tasks",
-                    tiles_per_batch, MAX_TASKS_PER_GRAPH)
-    return batches
+def tiles_in_flight(wanted: int, estimates: Mapping[str, TileEstimate]) -> int:
+    """``wanted`` tiles in flight, fewer if their graphs together would pass the task limit."""
+    largest = max((e.tasks for e in estimates.values()), default=0)
+    limit = max(1, MAX_TASKS_PER_GRAPH // largest) if largest else wanted
+    if limit < wanted:
+        log.warning("%d tiles in flight instead of %d, to keep the graphs on the cluster under %d tasks",
+                    limit, wanted, MAX_TASKS_PER_GRAPH)
+    return max(1, min(wanted, limit))
 
 
 def dry_run(config: RunConfig, *, tile_names: Sequence[str] | None = None, resume: bool = False,

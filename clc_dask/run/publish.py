@@ -35,7 +35,7 @@ from clc_dask.errors import InputError
 from clc_dask.grid import TileGrid
 from clc_dask.run.context import output_settings, run_grid
 from clc_dask.run.manifest import Manifest
-from clc_dask.run.store import ITEMS_FILE, STAC_DIR, ZARR_STORE
+from clc_dask.run.store import ITEMS_FILE, POLYGONS_FILE, STAC_DIR, ZARR_STORE
 from clc_dask.seasons import season_window
 from clc_dask.stores import atomic_directory
 
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 ASSET_TITLES = {
     "classes": "U-Net class map (CLC codes)",
     "generalized": "Class map generalized to CORINE rules (MMU, minimum width)",
-    "polygons": "Generalized map as polygons (GeoPackage)",
+    "polygons": "Generalized map of the whole run as polygons dissolved across tiles (GeoPackage, layer clc)",
     "zarr": "Class maps of the whole run grid (Zarr, one chunk per tile)",
 }
 MEDIA_TYPES = {".tif": pystac.MediaType.COG, ".gpkg": "application/geopackage+sqlite3",
@@ -179,17 +179,20 @@ def _union_bbox(boxes: Sequence[Sequence[float]]) -> list[float]:
 
 
 def publish_run(config: RunConfig, manifest: Manifest | None = None, grid: TileGrid | None = None,
-                *, recheck: bool = True) -> Path:
+                *, recheck: bool = False) -> Path:
     """Write the STAC Collection and an Item per finished tile (files verified first).
 
-    Also usable on its own (``clc-dask run --publish-only``): tiles whose files are
-    missing or changed get no Item.
+    An Item holds the tile's class map and, once phase 2 wrote it, its generalized map; the
+    Collection holds the run-wide assets (the polygons layer, the Zarr store). Also usable on
+    its own (``clc-dask run --publish-only``): tiles whose files are missing or changed get
+    no Item.
 
     Args:
         config: the run's config.
         manifest: the run's manifest (default: read from ``output.store``).
         grid: the run's tile grid (default: made from the config).
-        recheck: hash every file again (False: trust this process's earlier checks).
+        recheck: hash every file again (default: files whose size and modification time are
+            as recorded are trusted; others are hashed).
     """
     store = Path(config.output.store)
     if manifest is None:
@@ -208,15 +211,21 @@ def publish_run(config: RunConfig, manifest: Manifest | None = None, grid: TileG
     for name in sorted(manifest.tiles):
         if not manifest.is_done(name, recheck=recheck):
             continue
-        entry = manifest.tiles[name]
-        assets = {k: store / rel for k, rel in entry["assets"].items()}
-        sums = {k: (entry["files"][rel]["sha256"], entry["files"][rel]["bytes"]) for k, rel in entry["assets"].items()}
-        extra = {k: v for k, v in entry.items() if k.startswith("clc_dask:")}
+        entries = [manifest.tiles[name]]
+        if name in manifest.generalized and manifest.is_done(name, recheck=recheck, phase="generalized"):
+            entries.append(manifest.generalized[name])
+        assets = {k: store / rel for e in entries for k, rel in e["assets"].items()}
+        sums = {k: (e["files"][rel]["sha256"], e["files"][rel]["bytes"]) for e in entries
+                for k, rel in e["assets"].items()}
+        extra = {k: v for e in entries for k, v in e.items() if k.startswith("clc_dask:")}
         items.append(tile_item(name, grid.tile(name).geobox, assets, run_name=config.name,
                                level=config.classes.level, start=start, end=end,
                                provenance={**base, **extra}, checksums=sums))
-    zarr = {"zarr": store / ZARR_STORE} if (store / ZARR_STORE).exists() else {}
+    run_assets = {"zarr": store / ZARR_STORE} if (store / ZARR_STORE).exists() else {}
+    polygons = manifest.state.get("polygons")
+    if polygons and (store / POLYGONS_FILE).exists():
+        run_assets["polygons"] = store / POLYGONS_FILE
     bbox = list(grid.geobox.extent.to_crs("EPSG:4326").boundingbox)
     return write_catalog(store, items, collection_id=config.name,
                          description=f"CORINE Land Cover Level {config.classes.level} map made by clc-dask",
-                         bbox=bbox, start=start, end=end, properties=base, assets=zarr)
+                         bbox=bbox, start=start, end=end, properties=base, assets=run_assets)

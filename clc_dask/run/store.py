@@ -3,11 +3,13 @@
 Store layout::
 
     STORE/manifest.json          finished tiles (the completion record, see :mod:`.manifest`)
+    STORE/manifest.journal       records appended since the last snapshot
     STORE/run.yaml               the resolved config
     STORE/items.json             the scenes used (STAC item collection)
-    STORE/tiles/<row_col>/       classes.tif, generalized.tif, polygons.gpkg
+    STORE/tiles/<row_col>/       classes.tif (phase 1), generalized.tif (phase 2)
+    STORE/polygons.gpkg          the generalized map as one layer ``clc`` (+ .qml/.sld styles)
+    STORE/generalize/            the whole-map generalization's state (tile tables, decisions)
     STORE/map.zarr               (formats: zarr) classes/generalized, one chunk per tile
-    STORE/styles/polygons.qml    QGIS / SLD styles for the polygons
     STORE/stac/collection.json   STAC Collection + one Item per finished tile
     STORE/performance-report.html  (--performance-report)
 """
@@ -33,6 +35,7 @@ from clc_dask.stores import ZARR_FORMAT, atomic_path, write_zarr
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+JOURNAL_NAME = "manifest.journal"
 CONFIG_FILE = "run.yaml"
 ITEMS_FILE = "items.json"
 ZARR_STORE = "map.zarr"
@@ -42,9 +45,15 @@ STAC_DIR = "stac"
 PERFORMANCE_REPORT = "performance-report.html"
 LOCK_FILE = ".lock"
 #: Output files of a tile (asset name → file name).
-TILE_FILES = {"classes": "classes.tif", "generalized": "generalized.tif", "polygons": "polygons.gpkg"}
+TILE_FILES = {"classes": "classes.tif", "generalized": "generalized.tif"}
+#: The state of the whole-map generalization (tile tables, decisions), kept for resuming.
+GENERALIZE_DIR = "generalize"
+#: The run's one vector layer.
+POLYGONS_FILE = "polygons.gpkg"
+POLYGONS_LAYER = "clc"
 #: Folders and files of a store that belong to a run (removed by ``overwrite``).
-RUN_OUTPUTS = (TILES_DIR, STAC_DIR, ZARR_STORE, STYLES_DIR, ITEMS_FILE, CONFIG_FILE, PERFORMANCE_REPORT)
+RUN_OUTPUTS = (TILES_DIR, STAC_DIR, ZARR_STORE, STYLES_DIR, ITEMS_FILE, CONFIG_FILE, PERFORMANCE_REPORT,
+               POLYGONS_FILE, "polygons.qml", "polygons.sld", GENERALIZE_DIR)
 
 
 @contextlib.contextmanager

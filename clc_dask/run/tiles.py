@@ -1,28 +1,29 @@
-"""The per-tile graph of a run: scenes → mosaic → class map → generalized map, and its files.
+"""The per-tile graph of a run — scenes → mosaic → class map → files — and tiles that flow.
 
 For each tile of the run grid:
 
 1. the scenes of the prediction season that overlap the tile are loaded on the tile's grid
-   **padded by the model's context** (``halo`` rounded up for the network) and by the
-   generalization margin (``generalize.tile_margin_px``), and composited (SCL-masked
-   median, the checkpoint's band order);
+   **padded by the model's context** (``halo`` rounded up for the network) and composited
+   (SCL-masked median of one observation per pass, the checkpoint's band order);
 2. the mosaic is padded with no data so that its top-left corner lies on the *run grid's*
-   window grid (:class:`~clc_dask.run.layout.TileLayout`), so neighbouring tiles meet
-   without seams; only the inference blocks holding the tile (and margin) are computed;
-3. pixels outside the AOI polygon become no data, the class map is cropped to the tile
-   and generalized to CORINE rules on the tile plus its margin, then cropped to the tile.
+   window grid (:class:`~clc_dask.run.layout.TileLayout`): every pixel is predicted by the
+   same window, with the same context, as in one prediction over the whole grid;
+3. pixels outside the AOI polygon become no data, and the tile's files are written **on the
+   worker** that computed it (COG with the official colour table, and its chunk of the run's
+   Zarr store), which returns only their paths and checksums.
 
-The tile's graph ends in one task returning both maps; a batch of tiles is submitted at
-once and each tile is written as soon as it is finished (COGs with the official colour
-table, optionally a region of the Zarr store whose chunks are the tiles, and GeoPackage
-polygons), then recorded in the run manifest by the caller.
+Tiles flow: at most ``in_flight`` tiles are on the cluster at once and the next is submitted
+as soon as one finishes (no barrier between groups of tiles); each tile is its own small
+graph (thousands of tasks, far below the ~500k that stall a scheduler). The client only
+records finished tiles in the journal. The generalization, which must see the whole map,
+is the run's second phase (:mod:`clc_dask.run.generalized`).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,14 +31,13 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
-import xarray as xr
+from distributed import as_completed
 from odc.geo.geobox import GeoBox
 from odc.geo.geom import Geometry
 from odc.geo.xr import rasterize
 
 from clc_dask.classes import colormap
 from clc_dask.errors import OutputError
-from clc_dask.generalize import fixed_gpkg_date, generalize_array, qml_style, sld_style, vectorize
 from clc_dask.grid import Tile
 from clc_dask.load import load_scenes
 from clc_dask.mosaic import seasonal_mosaic
@@ -45,33 +45,31 @@ from clc_dask.predict import predict
 from clc_dask.rasters import to_dataarray, write_geotiff
 from clc_dask.run.context import RunContext
 from clc_dask.run.layout import TileLayout
+from clc_dask.run.manifest import file_record
 from clc_dask.run.scenes import item_index, items_over
-from clc_dask.run.store import (
-    STYLES_DIR,
-    TILE_FILES,
-    ZARR_STORE,
-    create_zarr,
-    tile_dir,
-    write_text,
-    write_zarr_tile,
-)
+from clc_dask.run.store import TILE_FILES, ZARR_STORE, create_zarr, tile_dir, write_zarr_tile
 
 log = logging.getLogger(__name__)
 
 
+# --------------------------------------------------------------------------- results
+
+
 @dataclass
 class TileOutput:
-    """A finished tile: its files (asset name → path) and properties for the manifest/STAC."""
+    """A finished tile: its files (asset name → path), their records (made where they were
+    written), and properties for the manifest/STAC."""
 
     tile: Tile
     files: dict[str, Path]
     extra: dict[str, Any]
     extra_files: dict[str, Path] = field(default_factory=dict)
+    hashes: dict[Path, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
 class TileFailure:
-    """A tile whose computation failed (the batch goes on; the run reports it at the end)."""
+    """A tile whose computation failed (the others go on; the run reports it at the end)."""
 
     tile: Tile
     error: BaseException
@@ -83,23 +81,82 @@ class TileTask:
 
     layout: TileLayout
     item_ids: list[str]
-    result: Any  # dask Delayed → (classes, generalized | None), or None when no scene covers the tile
+    result: Any  # dask Delayed → TileOutput, or None when no scene covers the tile
 
     def task_count(self) -> int:
         """Tasks in this tile's graph (0 without scenes)."""
         return 0 if self.result is None else len(self.result.__dask_graph__())
 
 
+# --------------------------------------------------------------------------- writing (on workers)
+
+
+@dataclass(frozen=True)
+class TileWriter:
+    """Writes one layer of a tile into the run's store; small and picklable, it travels with the
+    task to the worker that computed the tile (the store must be on storage workers share).
+
+    Attributes:
+        store: the run's output folder.
+        layer: ``classes`` or ``generalized`` (the asset and the Zarr variable).
+        level: CLC level of the codes (colour table, dtype).
+        tile_size: edge of the run's tiles in pixels (the Zarr chunk).
+        zarr: also write the tile's chunk of ``map.zarr``.
+        tags: GeoTIFF tags (run name, season, checkpoint hash, rules).
+    """
+
+    store: Path
+    layer: str
+    level: int
+    tile_size: int
+    zarr: bool
+    tags: tuple[tuple[str, str], ...]
+
+    def write(self, tile: Tile, codes: np.ndarray, extra: Mapping[str, Any]) -> TileOutput:
+        """Write ``codes`` as the tile's COG (and Zarr chunk); return the files and their records."""
+        try:
+            return self._write(tile, np.ascontiguousarray(codes), dict(extra))
+        except OSError as exc:
+            raise OutputError(
+                f"Writing the {self.layer} of tile {tile.name} into {self.store} failed: {exc}. Check free "
+                "space and permissions, then run again with `resume` (finished tiles are kept)."
+            ) from exc
+
+    def _write(self, tile: Tile, codes: np.ndarray, extra: dict[str, Any]) -> TileOutput:
+        folder = tile_dir(self.store, tile)
+        folder.mkdir(parents=True, exist_ok=True)
+        tags = {**dict(self.tags), "clc_tile": tile.name}
+        with dask.config.set(scheduler="sync"):  # the array is in memory: no cluster round trip
+            path = write_geotiff(to_dataarray(codes, tile.geobox, name=self.layer), folder / TILE_FILES[self.layer],
+                                 colormap=colormap(self.level), tags=tags)
+        files = {self.layer: path}
+        extra_files = {}
+        if self.zarr:
+            extra_files = write_zarr_tile(self.store / ZARR_STORE, tile, self.tile_size, {self.layer: codes})
+        hashes = {p: file_record(p) for p in [*files.values(), *extra_files.values()]}
+        log.info("tile %s: %s written", tile.name, self.layer)
+        return TileOutput(tile, files, extra, extra_files, hashes)
+
+
+def write_class_tile(codes: np.ndarray, tile: Tile, outside: Geometry | None, writer: TileWriter,
+                     item_ids: Sequence[str]) -> TileOutput:
+    """The tile's class map (no data outside the AOI), written by ``writer``; runs on a worker."""
+    codes = np.asarray(codes)
+    if outside is not None and not outside.is_empty:
+        codes = np.where(rasterize(outside, tile.geobox).values, 0, codes).astype(codes.dtype)
+    return writer.write(tile, codes, {"clc_dask:input_items": list(item_ids)})
+
+
 # --------------------------------------------------------------------------- the processor
 
 
 class TileProcessor:
-    """Computes and writes the tiles of one run.
+    """Computes the class tiles of one run and writes them where they are computed.
 
     Args:
         ctx: the resolved run (config, checkpoint, scenes, grid, AOI, store).
-        client: a distributed client (tiles of a batch run concurrently on it), or None for
-            dask's default scheduler in this process (tiles one after another).
+        client: a distributed client (tiles flow over its workers), or None for dask's
+            threaded scheduler in this process (tiles one after another).
     """
 
     def __init__(self, ctx: RunContext, client: Any = None) -> None:
@@ -111,15 +168,24 @@ class TileProcessor:
         self.store = ctx.store
         self.client = client
         self._index = item_index(self.items) if self.items else None
-        self._dtype = np.dtype(np.uint16 if ctx.checkpoint.classes.level == 3 else np.uint8)
+        self.dtype = np.dtype(np.uint16 if ctx.checkpoint.classes.level == 3 else np.uint8)
+        self.writer = self.writer_for("classes")
+
+    def writer_for(self, layer: str, **tags: str) -> TileWriter:
+        """A writer of ``layer`` tiles into this run's store."""
+        level = self.checkpoint.classes.level
+        base = {"clc_run": self.config.name, "clc_level": str(level),
+                "clc_season": self.config.imagery.prediction_season, "clc_year": str(self.config.imagery.year),
+                "checkpoint_sha256": self.checkpoint.sha256, **tags}
+        return TileWriter(self.store, layer, level, self.grid.tile_size, "zarr" in self.config.output.formats,
+                          tuple(sorted(base.items())))
 
     # ----------------------------------------------------------------- graph
     def build(self, tile: Tile) -> TileTask:
-        """The lazy graph of one tile (nothing is read or computed here)."""
+        """The lazy graph of one tile, ending in the task that writes it (nothing runs here)."""
         layout = TileLayout.for_tile(tile, self.config)
         items = items_over(self.items, self._index, layout.load_geobox) if self._index is not None else []
         if not items:
-            log.warning("tile %s: no scene of the season overlaps it; it is written as no data", tile.name)
             return TileTask(layout, [], None)
         scenes = load_scenes(items, layout.load_geobox, bands=list(self.checkpoint.bands),
                              chunk_size=layout.chunk, gdal=dict(self.config.imagery.gdal) or None)
@@ -128,23 +194,19 @@ class TileProcessor:
         pad = layout.context
         padding = ((0, 0), (layout.before[0] - pad, layout.after - pad), (layout.before[1] - pad, layout.after - pad))
         data = da.pad(mosaic.data, padding, mode="constant", constant_values=0)
-        chunks = layout.array_chunks()
-        data = data.rechunk(((data.shape[0],), *chunks))
+        data = data.rechunk(((data.shape[0],), *layout.array_chunks()))
         arr = to_dataarray(data, layout.array_geobox, band_names=list(self.checkpoint.bands), name="mosaic")
         model = self.config.model
         class_map = predict(arr, self.checkpoint.path, halo=model.halo, window=model.window,
                             batch_size=model.batch_size, device=model.device, chunk_size=None, client=self.client)
-        (ny, nx), m = layout.shape, layout.margin
-        by, bx = layout.before
-        region = class_map.data[by:by + ny + 2 * m, bx:bx + nx + 2 * m]
-        region_box = layout.region_geobox
-        outside = self._outside_aoi(region_box)
-        gen = self.config.generalize
-        finish = dask.delayed(finish_tile, pure=True)
-        result = finish(region, region_box, layout.crop, outside,
-                        gen.mmu_ha if gen.enabled else None, gen.min_width_m,
-                        dask_key_name=f"finish-tile-{tile.name}-{dask.base.tokenize(region.name, outside, gen)}")
-        return TileTask(layout, [i.id for i in items], result)
+        (ny, nx), (by, bx) = layout.shape, layout.before
+        codes = class_map.data[by:by + ny, bx:bx + nx]
+        outside = self._outside_aoi(tile.geobox)
+        ids = [i.id for i in items]
+        write = dask.delayed(write_class_tile, pure=True)
+        result = write(codes, tile, outside, self.writer, ids,
+                       dask_key_name=f"write-classes-{tile.name}-{dask.base.tokenize(codes.name, outside, self.writer)}")
+        return TileTask(layout, ids, result)
 
     def _outside_aoi(self, region: GeoBox) -> Geometry | None:
         """The part of ``region`` outside the AOI (None when the AOI covers it all)."""
@@ -153,127 +215,91 @@ class TileProcessor:
             return None
         return box.difference(self.aoi)
 
-    # ----------------------------------------------------------------- run a batch
-    def process_batch(self, tiles: Sequence[Tile]) -> Iterator[TileOutput | TileFailure]:
-        """Compute the tiles (concurrently on a distributed client) and write each when done.
+    # ----------------------------------------------------------------- running
+    def run(self, tiles: Sequence[Tile], in_flight: int) -> Iterator[TileOutput | TileFailure]:
+        """Compute and write ``tiles``, yielding each as it finishes (or fails).
 
-        Yields each tile's :class:`TileOutput` in the order they finish (or a
-        :class:`TileFailure` when its computation failed).
+        On a distributed client at most ``in_flight`` tiles are on the cluster at once; the
+        next one is built and submitted as one finishes. Without a client the tiles run one
+        after another in this process.
         """
-        tasks = {t.name: self.build(t) for t in tiles}
-        for task in tasks.values():
-            if task.result is None:
-                yield self._write(task.layout.tile, *self._empty(task.layout), task)
-        pending = {n: t for n, t in tasks.items() if t.result is not None}
-        if not pending:
-            return
+        for tile in tiles:
+            folder = tile_dir(self.store, tile)
+            shutil.rmtree(folder, ignore_errors=True)  # leftovers of an interrupted attempt
         if self.client is None:
-            for task in pending.values():
-                try:
-                    classes, generalized = dask.compute(task.result)[0]
-                except Exception as exc:  # reported per tile; the run raises after the batch
-                    yield TileFailure(task.layout.tile, exc)
-                    continue
-                yield self._write(task.layout.tile, classes, generalized, task)
+            yield from (self._compute_here(t) for t in tiles)
             return
-        from distributed import as_completed
+        yield from flow(self.client, tiles, self._submit, max(1, in_flight))
 
-        futures = self.client.compute([t.result for t in pending.values()])
-        names = {f.key: n for f, n in zip(futures, pending, strict=True)}
+    def _compute_here(self, tile: Tile) -> TileOutput | TileFailure:
+        task = self.build(tile)
+        if task.result is None:
+            return self._empty(tile)
         try:
-            for future in as_completed(futures):
-                name = names[future.key]
-                try:
-                    classes, generalized = future.result()
-                except Exception as exc:
-                    yield TileFailure(pending[name].layout.tile, exc)
-                    continue
-                finally:
-                    future.release()
-                yield self._write(pending[name].layout.tile, classes, generalized, pending[name])
-        finally:
-            self.client.cancel([f for f in futures if not f.done()])
+            return dask.compute(task.result)[0]
+        except Exception as exc:  # reported per tile; the run raises at the end
+            return TileFailure(tile, exc)
 
-    def _empty(self, layout: TileLayout) -> tuple[np.ndarray, np.ndarray | None]:
-        zeros = np.zeros(layout.shape, dtype=self._dtype)
-        return zeros, (zeros.copy() if self.config.generalize.enabled else None)
+    def _submit(self, tile: Tile) -> Any:
+        """A future of the tile's output (or the output itself for a tile without scenes)."""
+        task = self.build(tile)
+        if task.result is None:
+            return self._empty(tile)
+        return self.client.compute(task.result)
 
-    # ----------------------------------------------------------------- writing
-    def _write(self, tile: Tile, classes: np.ndarray, generalized: np.ndarray | None, task: TileTask) -> TileOutput:
-        """Write a tile's files (replacing leftovers of an interrupted attempt)."""
-        try:
-            return self._write_files(tile, classes, generalized, task)
-        except OSError as exc:
-            raise OutputError(
-                f"Writing tile {tile.name} into {self.store} failed: {exc}. Check free space and "
-                "permissions, then run again with `resume` (finished tiles are kept)."
-            ) from exc
-
-    def _write_files(self, tile: Tile, classes: np.ndarray, generalized: np.ndarray | None,
-                     task: TileTask) -> TileOutput:
-        folder = tile_dir(self.store, tile)
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        level = self.checkpoint.classes.level
-        tags = {"clc_run": self.config.name, "clc_tile": tile.name, "clc_level": str(level),
-                "clc_season": self.config.imagery.prediction_season, "clc_year": str(self.config.imagery.year),
-                "checkpoint_sha256": self.checkpoint.sha256}
-        files: dict[str, Path] = {}
-        with dask.config.set(scheduler="sync"):  # the arrays are in memory: no cluster round trip
-            files["classes"] = write_geotiff(to_dataarray(classes, tile.geobox, name="classes"),
-                                             folder / TILE_FILES["classes"], colormap=colormap(level), tags=tags)
-            if generalized is not None:
-                gen = self.config.generalize
-                gtags = {**tags, "mmu_ha": f"{gen.mmu_ha:g}", "min_width_m": f"{gen.min_width_m:g}",
-                         "tile_margin_px": str(task.layout.margin)}
-                gmap = to_dataarray(generalized, tile.geobox, name="generalized")
-                files["generalized"] = write_geotiff(gmap, folder / TILE_FILES["generalized"],
-                                                     colormap=colormap(level), tags=gtags)
-                if self.config.output.vectorize:
-                    files["polygons"] = self._polygons(gmap, folder / TILE_FILES["polygons"], tile.name)
-        extra_files = {}
-        if "zarr" in self.config.output.formats:
-            extra_files = write_zarr_tile(self.store / ZARR_STORE, tile, self.grid.tile_size,
-                                          {"classes": classes, "generalized": generalized})
-        extra = {"clc_dask:input_items": task.item_ids, "clc_dask:tile_margin_px": task.layout.margin}
-        log.info("tile %s written (%d scene(s))", tile.name, len(task.item_ids))
-        return TileOutput(tile, files, extra, extra_files)
-
-    def _polygons(self, gmap: xr.DataArray, path: Path, tile_name: str) -> Path:
-        """The generalized tile as GeoPackage polygons (styles are written once per run)."""
-        with fixed_gpkg_date(self.config.imagery.year):
-            return vectorize(gmap, path, level=self.checkpoint.classes.level, layer=f"clc_{tile_name}",
-                             styles=False)
+    def _empty(self, tile: Tile) -> TileOutput:
+        log.warning("tile %s: no scene of the season overlaps it; it is written as no data", tile.name)
+        zeros = np.zeros((tile.geobox.shape.y, tile.geobox.shape.x), dtype=self.dtype)
+        return self.writer.write(tile, zeros, {"clc_dask:input_items": []})
 
     # ----------------------------------------------------------------- run-level files
     def prepare_store(self) -> None:
-        """Create the run-level outputs that tiles are written into (Zarr store, styles)."""
+        """Create the Zarr store the tiles are written into (one chunk per tile)."""
         if "zarr" in self.config.output.formats:
             variables = ["classes"] + (["generalized"] if self.config.generalize.enabled else [])
-            create_zarr(self.store / ZARR_STORE, self.grid, variables, self._dtype, self.checkpoint.classes.level)
-        if self.config.generalize.enabled and self.config.output.vectorize:
-            level = self.checkpoint.classes.level
-            for suffix, text in ((".qml", qml_style(level)), (".sld", sld_style(level, "clc"))):
-                target = self.store / STYLES_DIR / f"polygons{suffix}"
-                write_text(target, text)
+            create_zarr(self.store / ZARR_STORE, self.grid, variables, self.dtype, self.checkpoint.classes.level)
 
 
-def finish_tile(codes: np.ndarray, region: GeoBox, crop: tuple[slice, slice], outside: Geometry | None,
-                mmu_ha: float | None, min_width_m: float) -> tuple[np.ndarray, np.ndarray | None]:
-    """The tile's class map and generalized map from the predicted region (tile + margin).
+def flow(client: Any, tiles: Sequence[Tile], submit: Callable[[Tile], Any],
+         in_flight: int) -> Iterator[TileOutput | TileFailure]:
+    """Keep at most ``in_flight`` tiles on the cluster; yield each result as it arrives.
 
-    Runs on a worker. Pixels in ``outside`` (the part of ``region`` outside the AOI) become
-    no data before generalizing; ``mmu_ha=None`` skips the generalization.
+    ``submit(tile)`` returns a future, or a finished result for tiles with nothing to compute.
     """
-    codes = np.asarray(codes)
-    if outside is not None and not outside.is_empty:
-        codes = np.where(rasterize(outside, region).values, 0, codes).astype(codes.dtype)
-    classes = np.ascontiguousarray(codes[crop])
-    if mmu_ha is None:
-        return classes, None
-    res = region.resolution
-    generalized = generalize_array(codes, (abs(res.y), abs(res.x)), mmu_ha, min_width_m)
-    return classes, np.ascontiguousarray(generalized[crop])
+    queue = list(tiles)
+    tile_of: dict[str, tuple[Tile, Any]] = {}
+    running = as_completed([], loop=client.loop)
+    try:
+        yield from _drain(queue, tile_of, running, submit, in_flight)
+    finally:  # stopped early (an error, a signal): nothing keeps computing for nobody
+        client.cancel([future for _, future in tile_of.values()])
+
+
+def _drain(queue: list[Tile], tile_of: dict[str, tuple[Tile, Any]], running: Any, submit: Callable[[Tile], Any],
+           in_flight: int) -> Iterator[TileOutput | TileFailure]:
+    while queue or running.count():
+        while queue and running.count() < in_flight:
+            tile = queue.pop(0)
+            try:
+                submitted = submit(tile)
+            except Exception as exc:  # building the graph failed: reported like a failed tile
+                yield TileFailure(tile, exc)
+                continue
+            if isinstance(submitted, TileOutput | TileFailure):
+                yield submitted
+                continue
+            tile_of[submitted.key] = (tile, submitted)
+            running.add(submitted)
+        if not running.count():
+            continue
+        future = next(running)
+        tile, _ = tile_of.pop(future.key)
+        try:
+            yield future.result()
+        except Exception as exc:
+            yield TileFailure(tile, exc)
+        finally:
+            future.release()
 
 
 def _densify_step(aoi: Geometry) -> float | None:
