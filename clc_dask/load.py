@@ -122,10 +122,13 @@ class RetryingReader(AutoParallelRioReader):
       on the window read or on the grid's extent (GDAL's approximate transformer picks other
       source pixels for "nearest" depending on the window).
     * With a ``signer``, the URL (``url``, unsigned) is signed each time the asset is opened,
-      here on the worker; the signer caches tokens per process and renews them before they
-      expire. When a read fails and signing again gives another URL (the token was renewed,
-      or the server refused it with HTTP 403 and it was dropped), the asset is re-opened
-      with the new signature at once, up to ``sign_retries`` times.
+      here on the worker; the signer caches tokens per process and renews them a margin
+      before they expire, and a read finding the token renewed since the asset was opened
+      re-opens it with the new one, so an open dataset never outlives its token. When a read
+      fails, the asset is re-opened at once (up to ``sign_retries`` times): with a new
+      signature when the server refused the old one (HTTP 403, which drops it from the
+      cache) or the token was renewed meanwhile, else once with the same signature (GDAL
+      shows a 403 on a read only as a short read; the new open shows the status).
     * A transient failure (HTTP 429/5xx after GDAL's own retries, a connection reset, a
       timeout, a body cut short) is retried with exponential backoff after GDAL's cached
       state for the asset's URL is cleared, so the retry really asks the server again.
@@ -138,7 +141,7 @@ class RetryingReader(AutoParallelRioReader):
         warp_tolerance: error allowed in GDAL's warp transform, in source pixels; 0 is exact.
         signer: signs the URL before each open (see :mod:`clc_dask.signing`); None reads it
             as it is.
-        sign_retries: re-opens with a new signature per read, after an expired or refused one.
+        sign_retries: immediate re-opens per read after a failure of a signed asset.
         **kwargs: stackstac's reader arguments (``url``, ``spec``, ``dtype`` …).
     """
 

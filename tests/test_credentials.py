@@ -40,7 +40,13 @@ from clc_dask.load import RetryingReader, load_scenes, public_text
 from clc_dask.model import Checkpoint, Normalization, build_model, save_checkpoint
 from clc_dask.mosaic import make_mosaic, write_mosaic
 from clc_dask.search import PC_SIGNER, SIGNER_FIELD, save_item_collection, search_items
-from clc_dask.signing import PlanetaryComputerSigner, forget_tokens, mark_signer, unsigned_href
+from clc_dask.signing import (
+    PlanetaryComputerSigner,
+    forget_tokens,
+    mark_signer,
+    register_signer,
+    unsigned_href,
+)
 
 LIFETIME = 2.0  # seconds a token lives; renewed at half its life (the default margin is longer)
 SEASON = "september"
@@ -267,6 +273,30 @@ def test_unsigned_reads_refused_by_the_server_say_to_sign(demo_region, blob_item
                                         r"catalog's asset URLs must be signed, pass `sign`"):
         scenes.compute()
     assert tokens.issued == 0 and blobs.refused["missing"] > 0
+
+
+class _LoopbackSigner:
+    """Another catalog's signer: one token per URL from the service, no cache."""
+
+    def __init__(self, sas_url: str) -> None:
+        self.sas_url = sas_url
+
+    def __call__(self, url: str) -> str:
+        import requests
+
+        token = requests.get(f"{self.sas_url}/demoaccount/demo", timeout=5).json()["token"]
+        return f"{unsigned_href(url)}?{token}"
+
+
+def test_other_catalogs_plug_in_their_signer(demo_region, local_items, blob_items, tokens, blobs, tmp_path):
+    register_signer("loopback-catalog", lambda: _LoopbackSigner(tokens.sas_url))
+    items = search_items(blob_items, sign="loopback-catalog", season=SEASON, years=[demo_region.year])
+    assert {i.properties[SIGNER_FIELD] for i in items} == {"loopback-catalog"}
+    local = search_items(local_items, season=SEASON, years=[demo_region.year])
+    read = load_scenes(items, demo_region.geobox, bands=["B04"], chunk_size=512, gdal=_gdal(blobs))
+    expected = load_scenes(local, demo_region.geobox, bands=["B04"], chunk_size=512)
+    np.testing.assert_array_equal(read.values, expected.values)
+    assert tokens.issued >= len(items) * 2 and blobs.refused == {}  # each asset (B04, SCL) signed
 
 
 def test_gdal_messages_lose_the_query_strings_of_bare_file_names():
