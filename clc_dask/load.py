@@ -25,6 +25,7 @@ A thin, opinionated wrapper around :func:`stackstac.stack`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -278,7 +279,8 @@ class RetryingReader(AutoParallelRioReader):
         """
         url = self._sign()
         self._signed_url = url
-        with self.gdal_env.open:
+        opening = self.gdal_env.open
+        with opening:
             try:
                 ds = SelfCleaningDatasetReader(url, sharing=False)
             except Exception as exc:
@@ -294,7 +296,7 @@ class RetryingReader(AutoParallelRioReader):
                                         "height": ds.height, "width": ds.width}:
                 view = None
             else:
-                with self.gdal_env.open_vrt:
+                with _inner(self.gdal_env.open_vrt, opening):
                     view = self._warped(ds)
         # GeoTIFFs are read by several threads, each re-opening its own copy; others under a lock
         threadsafe = ds.driver in MULTITHREADED_DRIVER_ALLOWLIST
@@ -327,6 +329,17 @@ class RetryingReader(AutoParallelRioReader):
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # type: ignore[override]
         self.__init__(**state)  # type: ignore[misc]
+
+
+def _inner(env: Any, outer: Any) -> Any:
+    """``env`` to enter inside ``outer``, unless it is the same ``rasterio.Env`` object.
+
+    stackstac's ``LayeredEnv`` gives a layer without options of its own the object of the
+    layer it falls back to (``open_vrt`` → ``open``), and a ``rasterio.Env`` keeps the state
+    of its entry on the object: entered twice nested, its outer exit leaves every option set
+    in the thread, so later reads in that (pooled) thread use this read's GDAL options.
+    """
+    return contextlib.nullcontext() if env is outer else env
 
 
 _NEW_SIGNATURE = "with a new signature"

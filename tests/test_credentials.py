@@ -16,7 +16,9 @@ import json
 import logging
 import pickle
 import re
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
@@ -31,6 +33,7 @@ import torch
 import yaml
 from faults.tokens import BlobServer, TokenService
 from planetary_computer import sas
+from rasterio.env import get_gdal_config
 
 from clc_dask import run as R
 from clc_dask.classes import ClassTable
@@ -297,6 +300,25 @@ def test_other_catalogs_plug_in_their_signer(demo_region, local_items, blob_item
     expected = load_scenes(local, demo_region.geobox, bands=["B04"], chunk_size=512)
     np.testing.assert_array_equal(read.values, expected.values)
     assert tokens.issued >= len(items) * 2 and blobs.refused == {}  # each asset (B04, SCL) signed
+
+
+def test_gdal_options_of_a_read_do_not_stay_in_the_threads_that_read(demo_region, local_items):
+    """A read through a proxy must not leave the proxy (or any option, e.g. credentials) set in
+    dask's pooled threads for the reads that follow."""
+    items = search_items(local_items, season=SEASON, years=[demo_region.year])[:1]
+    pool = ThreadPoolExecutor(2)
+    scenes = load_scenes(items, demo_region.geobox, bands=["B04"], chunk_size=128,
+                         gdal={"GDAL_HTTP_PROXY": "127.0.0.1:9", "GDAL_HTTP_TIMEOUT": "7"})
+    with dask.config.set(scheduler="threads", pool=pool):
+        assert scenes.compute().values.any()
+    both = threading.Barrier(2)
+
+    def options(_):
+        both.wait(timeout=10)  # one call on each thread of the pool
+        return get_gdal_config("GDAL_HTTP_PROXY"), get_gdal_config("GDAL_HTTP_TIMEOUT")
+
+    assert list(pool.map(options, range(2))) == [(None, None), (None, None)]
+    pool.shutdown()
 
 
 def test_gdal_messages_lose_the_query_strings_of_bare_file_names():
