@@ -36,6 +36,7 @@ from planetary_computer import sas
 from rasterio.env import get_gdal_config
 
 from clc_dask import run as R
+from clc_dask import signing
 from clc_dask.classes import ClassTable
 from clc_dask.config import load_run_config
 from clc_dask.errors import ConfigError, ReadError
@@ -291,10 +292,18 @@ class _LoopbackSigner:
         return f"{unsigned_href(url)}?{token}"
 
 
-def test_other_catalogs_plug_in_their_signer(demo_region, local_items, blob_items, tokens, blobs, tmp_path):
+@pytest.fixture
+def loopback_catalog(tokens):
+    """``loopback-catalog``: a signer registered for this test only."""
     register_signer("loopback-catalog", lambda: _LoopbackSigner(tokens.sas_url))
-    items = search_items(blob_items, sign="loopback-catalog", season=SEASON, years=[demo_region.year])
-    assert {i.properties[SIGNER_FIELD] for i in items} == {"loopback-catalog"}
+    yield "loopback-catalog"
+    signing._SIGNERS.pop("loopback-catalog")
+
+
+def test_other_catalogs_plug_in_their_signer(demo_region, local_items, blob_items, tokens, blobs,
+                                             loopback_catalog):
+    items = search_items(blob_items, sign=loopback_catalog, season=SEASON, years=[demo_region.year])
+    assert {i.properties[SIGNER_FIELD] for i in items} == {loopback_catalog}
     local = search_items(local_items, season=SEASON, years=[demo_region.year])
     read = load_scenes(items, demo_region.geobox, bands=["B04"], chunk_size=512, gdal=_gdal(blobs))
     expected = load_scenes(local, demo_region.geobox, bands=["B04"], chunk_size=512)
