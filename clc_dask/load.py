@@ -19,10 +19,16 @@ A thin, opinionated wrapper around :func:`stackstac.stack`:
 * each time step is one granule (item); the coordinates along time (:data:`PASS_COORDS`)
   say which satellite pass it belongs to, so that :func:`clc_dask.mosaic.seasonal_mosaic`
   can merge overlapping granules of one pass (neighbouring MGRS tiles, UTM zones).
+* asset URLs that must be signed (the items name their signer, see :mod:`clc_dask.signing`)
+  are signed by the reader, on the worker, each time it opens the asset — with a token cache
+  that renews tokens before they expire — and signed again when the server refuses a
+  signature (HTTP 403), so runs outlast the tokens. The task graph holds unsigned URLs and
+  the signer, never a token; no log line or error shows a query string.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -30,6 +36,7 @@ import time
 from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 from xml.etree import ElementTree
 
 import numpy as np
@@ -54,7 +61,8 @@ from clc_dask.errors import ConfigError, InputError, ReadError
 from clc_dask.gdalenv import clear_cached_url, gdal_env
 from clc_dask.grid import snapped_geobox
 from clc_dask.items import CANONICAL_BANDS, OFFSET_PROPERTY, SCL_BAND, normalize_items
-from clc_dask.redact import public_url, redact_text
+from clc_dask.redact import REDACTED, public_url, redact_text, unsigned_url
+from clc_dask.signing import UrlSigner, invalidate, resolve_signer, signer_label
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +83,41 @@ TRANSIENT_ERRORS: tuple[str, ...] = (
     r"Empty reply",
 )
 _TRANSIENT = re.compile("|".join(TRANSIENT_ERRORS), re.IGNORECASE)
+#: Messages of a refused signature or missing credentials (GDAL reports the status on open).
+REFUSED_ERRORS: tuple[str, ...] = (r"HTTP response code: 40[13]\b",)
+_REFUSED = re.compile("|".join(REFUSED_ERRORS), re.IGNORECASE)
+#: A query string after a bare file name (GDAL says ``B04.tif?sig=…, band 1: …``).
+_BARE_QUERY = re.compile(r"(?<=[^\s'\"?=&])\?[^\s'\"<>?]*=[^\s'\"<>]*")
+
+
+def public_text(text: str) -> str:
+    """``text`` without query strings: those of URLs (:func:`~clc_dask.redact.redact_text`)
+    and those GDAL appends to bare file names in its messages."""
+    return _BARE_QUERY.sub(f"?{REDACTED}", redact_text(text))
+
+
+class _PublicTextFilter(logging.Filter):
+    """Strips query strings from the records of libraries that log dataset names."""
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003 - logging's name
+        message = record.getMessage()
+        clean = public_text(message)
+        if clean != message or record.args:
+            record.msg, record.args = clean, None
+        return True
+
+
+def _protect_library_logs() -> None:
+    """rasterio and stackstac log dataset names (signed URLs) at DEBUG and GDAL's messages at
+    INFO: their loggers get a filter that removes query strings."""
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.split(".")[0] in ("rasterio", "stackstac"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _PublicTextFilter) for f in logger.filters):
+                logger.addFilter(_PublicTextFilter())
+
+
+_protect_library_logs()
 
 #: Property set on the items handed to stackstac: the longitude (degrees east) of the centre
 #: of the item's bbox, NaN when unknown (no bbox, or one spanning more than 180°).
@@ -91,11 +134,19 @@ PASS_COORDS: dict[str, tuple[str, object]] = {
 
 
 class RetryingReader(AutoParallelRioReader):
-    """stackstac's rasterio reader with an exact warp, retries, and loud failures.
+    """stackstac's rasterio reader with an exact warp, retries, signing, and loud failures.
 
     * Reprojection uses GDAL's exact transformer by default, so a pixel's value never depends
       on the window read or on the grid's extent (GDAL's approximate transformer picks other
       source pixels for "nearest" depending on the window).
+    * With a ``signer``, the URL (``url``, unsigned) is signed each time the asset is opened,
+      here on the worker; the signer caches tokens per process and renews them a margin
+      before they expire, and a read finding the token renewed since the asset was opened
+      re-opens it with the new one, so an open dataset never outlives its token. When a read
+      fails, the asset is re-opened at once (up to ``sign_retries`` times): with a new
+      signature when the server refused the old one (HTTP 403, which drops it from the
+      cache) or the token was renewed meanwhile, else once with the same signature (GDAL
+      shows a 403 on a read only as a short read; the new open shows the status).
     * A transient failure (HTTP 429/5xx after GDAL's own retries, a connection reset, a
       timeout, a body cut short) is retried with exponential backoff after GDAL's cached
       state for the asset's URL is cleared, so the retry really asks the server again.
@@ -106,49 +157,149 @@ class RetryingReader(AutoParallelRioReader):
         retries: further attempts after a transient failure (the dataset is re-opened).
         retry_delay: seconds before the first retry; doubled each time.
         warp_tolerance: error allowed in GDAL's warp transform, in source pixels; 0 is exact.
+        signer: signs the URL before each open (see :mod:`clc_dask.signing`); None reads it
+            as it is.
+        sign_retries: immediate re-opens per read after a failure of a signed asset.
         **kwargs: stackstac's reader arguments (``url``, ``spec``, ``dtype`` …).
     """
 
     def __init__(self, *, retries: int = 3, retry_delay: float = 1.0, warp_tolerance: float = 0.0,
-                 **kwargs: Any) -> None:
+                 signer: UrlSigner | None = None, sign_retries: int = 3, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.retries = retries
         self.retry_delay = retry_delay
         self.warp_tolerance = warp_tolerance
+        self.signer = signer
+        self.sign_retries = sign_retries
+        self._signed_url: str | None = None  # the URL the open dataset was opened with
+        self._queries: set[str] = set()  # query strings of the URLs this reader signed
 
     def read(self, window: Any, **kwargs: Any) -> np.ndarray:
-        """Read ``window`` of the output grid; retry transient errors, else raise ReadError."""
-        attempt = 0
+        """Read ``window`` of the output grid; re-open, re-sign or retry, else raise ReadError."""
+        attempt = reopened = resigned = 0
+        probed = False
         while True:
             try:
+                self._follow_renewal()
                 return super().read(window, **kwargs)
+            except _SigningError as exc:
+                raise ReadError(
+                    f"Cannot sign the URL of asset {public_url(self.url)} with "
+                    f"{signer_label(exc.signer)}: {self._public(_reason(exc))}. Check the signer's "
+                    "token service and credentials (Planetary Computer: PC_SDK_SAS_URL, "
+                    "PC_SDK_SUBSCRIPTION_KEY) and the connection to it."
+                ) from None
             except Exception as exc:  # rasterio/GDAL raise several types, wrapped by stackstac
-                reason = redact_text(_reason(exc))
-                if attempt < self.retries and _TRANSIENT.search(reason):
+                reason = self._public(_reason(exc))
+                refused = bool(_REFUSED.search(reason))
+                transient = not refused and bool(_TRANSIENT.search(reason))
+                how = None
+                if reopened < self.sign_retries:
+                    how = self._reopen_signed(refused, probe=transient and not probed)
+                if how is not None:
+                    reopened += 1
+                    resigned += how == _NEW_SIGNATURE
+                    probed = probed or how == _SAME_SIGNATURE
+                    log.info("reading %s failed (%s); opening it again %s (%d/%d)",
+                             public_url(self.url), reason, how, reopened, self.sign_retries)
+                    continue
+                if transient and attempt < self.retries:
                     delay = self.retry_delay * 2**attempt
                     log.warning("reading %s failed (%s); retry %d/%d in %.2f s",
                                 public_url(self.url), reason, attempt + 1, self.retries, delay)
                     self.close()
-                    clear_cached_url(self.url)
+                    clear_cached_url(self._signed_url or self.url)
                     time.sleep(delay)
                     attempt += 1
                     continue
-                tried = f" after {attempt + 1} attempts" if attempt else ""
-                raise ReadError(
-                    f"Cannot read asset {public_url(self.url)}{tried}: {reason}. Check that the "
-                    "file exists and is a valid GeoTIFF/COG reachable with the GDAL settings in "
-                    "use (`gdal`, see clc_dask.gdalenv), or remove the item from the input."
-                ) from None
+                raise ReadError(self._failure(reason, attempt, resigned, refused)) from None
+
+    def _failure(self, reason: str, attempt: int, resigned: int, refused: bool) -> str:
+        """The message of a read that cannot succeed."""
+        asset = public_url(self.url)
+        if refused and self.signer is not None:
+            return (f"Cannot read asset {asset}: the server refused its signature ({reason}), also "
+                    f"after {resigned} new signature(s) from {signer_label(self.signer)}. Check that "
+                    "the signer's credentials grant access to this asset (Planetary Computer: "
+                    "PC_SDK_SUBSCRIPTION_KEY), or remove the item from the input.")
+        if refused:
+            return (f"Cannot read asset {asset}: the server refused access ({reason}). If the "
+                    "catalog's asset URLs must be signed, pass `sign` (e.g. 'planetary-computer'), "
+                    "or give the GDAL credentials it needs (`gdal`).")
+        tried = f" after {attempt + 1} attempts" if attempt else ""
+        return (f"Cannot read asset {asset}{tried}: {reason}. Check that the file exists and is a "
+                "valid GeoTIFF/COG reachable with the GDAL settings in use (`gdal`, see "
+                "clc_dask.gdalenv), or remove the item from the input.")
+
+    def _follow_renewal(self) -> None:
+        """Close the asset when the signer's token was renewed since it was opened, so that
+        it is re-opened with the new one before the old one expires."""
+        used = self._signed_url
+        if self.signer is not None and used is not None and self._sign() != used:
+            log.debug("the token of %s was renewed: opening it again", public_url(self.url))
+            self.close()
+            clear_cached_url(used)
+
+    def _reopen_signed(self, refused: bool, probe: bool) -> str | None:
+        """How a signed asset whose read failed is re-opened at once (then it is closed), or
+        None when that would not help.
+
+        A refused signature (HTTP 403 on open) is dropped from the signer's cache; a renewed
+        token gives a new signature; a failed read (GDAL shows a 403 on a read only as a short
+        one) is re-opened once with the same signature, whose refusal the open would show.
+        """
+        used = self._signed_url
+        if self.signer is None or used is None:
+            return None
+        if refused:
+            invalidate(self.signer, used)
+        try:
+            fresh = self._sign()
+        except _SigningError:
+            return None  # the next open fails to sign and says why
+        if fresh != used:
+            how = _NEW_SIGNATURE
+        elif probe:
+            how = _SAME_SIGNATURE
+        else:
+            return None
+        self.close()
+        clear_cached_url(used)
+        return how
+
+    def _sign(self) -> str:
+        """The URL to open: ``url`` signed by the signer (or as it is without one)."""
+        if self.signer is None:
+            return self.url
+        try:
+            signed = self.signer(self.url)
+        except Exception as exc:
+            raise _SigningError(self.signer) from exc
+        query = urlsplit(signed).query
+        if query:
+            self._queries.add(query)
+        return signed
+
+    def _public(self, text: str) -> str:
+        """``text`` without the query strings of URLs, least of all those this reader signed."""
+        text = public_text(text)
+        for query in tuple(self._queries):
+            text = text.replace(query, REDACTED)
+        return text
 
     def _open(self) -> Any:
-        """Open the asset and, unless it is on the output grid already, a warped view of it.
+        """Open the asset (signed first) and, unless it is on the output grid already, a
+        warped view of it.
 
         Replaces stackstac's ``_open`` to control how the warped view is made (exact
-        transformer); errors are never turned into no data.
+        transformer) and to sign the URL; errors are never turned into no data.
         """
-        with self.gdal_env.open:
+        url = self._sign()
+        self._signed_url = url
+        opening = self.gdal_env.open
+        with opening:
             try:
-                ds = SelfCleaningDatasetReader(self.url, sharing=False)
+                ds = SelfCleaningDatasetReader(url, sharing=False)
             except Exception as exc:
                 raise RuntimeError(f"Error opening {public_url(self.url)}: {exc}") from exc
             if ds.count != 1:
@@ -162,7 +313,7 @@ class RetryingReader(AutoParallelRioReader):
                                         "height": ds.height, "width": ds.width}:
                 view = None
             else:
-                with self.gdal_env.open_vrt:
+                with _inner(self.gdal_env.open_vrt, opening):
                     view = self._warped(ds)
         # GeoTIFFs are read by several threads, each re-opening its own copy; others under a lock
         threadsafe = ds.driver in MULTITHREADED_DRIVER_ALLOWLIST
@@ -189,11 +340,35 @@ class RetryingReader(AutoParallelRioReader):
     def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
         state = dict(super().__getstate__())
         state.update(retries=self.retries, retry_delay=self.retry_delay,
-                     warp_tolerance=self.warp_tolerance)
+                     warp_tolerance=self.warp_tolerance, signer=self.signer,
+                     sign_retries=self.sign_retries)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # type: ignore[override]
         self.__init__(**state)  # type: ignore[misc]
+
+
+def _inner(env: Any, outer: Any) -> Any:
+    """``env`` to enter inside ``outer``, unless it is the same ``rasterio.Env`` object.
+
+    stackstac's ``LayeredEnv`` gives a layer without options of its own the object of the
+    layer it falls back to (``open_vrt`` → ``open``), and a ``rasterio.Env`` keeps the state
+    of its entry on the object: entered twice nested, its outer exit leaves every option set
+    in the thread, so later reads in that (pooled) thread use this read's GDAL options.
+    """
+    return contextlib.nullcontext() if env is outer else env
+
+
+_NEW_SIGNATURE = "with a new signature"
+_SAME_SIGNATURE = "to check its signature"
+
+
+class _SigningError(Exception):
+    """The signer failed (its exception is the cause)."""
+
+    def __init__(self, signer: UrlSigner) -> None:
+        super().__init__("signing failed")
+        self.signer = signer
 
 
 #: Tolerance (source pixels) of the warped view that is serialised and made exact.
@@ -246,6 +421,7 @@ def load_scenes(
     retries: int = 3,
     retry_delay: float = 1.0,
     warp_tolerance: float = 0.0,
+    sign: UrlSigner | str | bool | None = None,
     chunksize: int | None = None,
 ) -> xr.DataArray:
     """Scenes as a lazy ``(time, band, y, x)`` uint16 DataArray on one grid.
@@ -272,6 +448,12 @@ def load_scenes(
             every pixel independent of the window read, so tiles loaded one by one equal the
             whole grid loaded at once; GDAL's usual 0.125 reads faster (see
             ``benchmarks/bench_read_transform.py``) but shifts "nearest" picks with the window.
+        sign: how asset URLs are signed, on the workers, each time an asset is opened (tokens
+            are cached per worker process and renewed before they expire; a refused signature
+            is replaced and the read retried). None: with the signer the items name
+            (``clc_dask:signer``, set by :func:`clc_dask.search.search_items`, e.g. for
+            Planetary Computer); False: never; a signer name, or a
+            :class:`~clc_dask.signing.UrlSigner` (e.g. ``PlanetaryComputerSigner(renew_before=600)``).
         chunksize: the former name of ``chunk_size`` (still accepted).
 
     Returns:
@@ -283,7 +465,8 @@ def load_scenes(
 
     Raises:
         InputError: no items, missing assets, or no item overlapping the grid.
-        ConfigError: neither a geobox nor epsg/resolution/bounds given.
+        ConfigError: neither a geobox nor epsg/resolution/bounds given; an unknown signer, or
+            its package missing.
     """
     gbox = _grid(geobox, epsg, resolution, bounds)
     if not items:
@@ -297,6 +480,11 @@ def load_scenes(
                           f"pixels, not {warp_tolerance}.")
     wanted = [b for b in dict.fromkeys(bands) if b != SCL_BAND]
     normalized = normalize_items(items, wanted)
+    signer = resolve_signer(sign, normalized)
+    if signer is not None:  # the graph holds unsigned URLs: the reader signs them when it opens them
+        for item in normalized:
+            for asset in item.assets.values():
+                asset.href = unsigned_url(asset.href)
     assets = [*wanted, SCL_BAND]
     env = gdal if isinstance(gdal, LayeredEnv) else gdal_env(gdal)
     epsg_code = gbox.crs.epsg
@@ -323,7 +511,7 @@ def load_scenes(
             gdal_env=env,
             errors_as_nodata=(),
             reader=partial(RetryingReader, retries=retries, retry_delay=retry_delay,
-                           warp_tolerance=warp_tolerance),
+                           warp_tolerance=warp_tolerance, signer=signer),
         )
     except ValueError as exc:
         raise InputError(f"Cannot stack the items on the grid: {exc}") from exc

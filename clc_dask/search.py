@@ -4,7 +4,7 @@ A *source* is one of
 
 * a preset: ``earth-search`` (Earth Search v1, ``sentinel-2-l2a``) or
   ``planetary-computer`` (``sentinel-2-l2a``; asset URLs signed with the optional
-  ``planetary-computer`` package),
+  ``planetary-computer`` package when they are read, see :mod:`clc_dask.signing`),
 * any STAC API URL (its landing page says which filter extensions it conforms to),
 * a static catalog or collection JSON (path or URL; items are walked and filtered here),
 * an item-collection JSON (e.g. one saved by :func:`save_item_collection`).
@@ -14,6 +14,11 @@ Cloud cover is filtered on the server where the API conforms to ``query`` or ``f
 backend, for one) silently return unfiltered items. Every page is followed; HTTP 429 and
 5xx are retried with exponential backoff honouring ``Retry-After``; every request has a
 timeout. Relative asset hrefs are made absolute, so results can be saved and reused offline.
+
+Search never signs asset URLs: signatures expire (Planetary Computer's after about an hour).
+Items keep their unsigned hrefs and name their signer (:data:`SIGNER_FIELD`); the reader signs
+each URL when it opens the asset (:mod:`clc_dask.signing`). The dry run, the plan and saved
+item collections never need or hold a token.
 """
 
 from __future__ import annotations
@@ -47,19 +52,27 @@ from clc_dask import __version__
 from clc_dask.errors import ConfigError, InputError, SearchError
 from clc_dask.redact import is_signed_url, public_url, redact_text, unsigned_url
 from clc_dask.seasons import Interval, format_interval, parse_interval, season_intervals
+from clc_dask.signing import (
+    PC_SIGNER,
+    SIGNER_FIELD,
+    is_blob_url,
+    mark_signer,
+    named_signer,
+    signer_name_of,
+)
+from clc_dask.signing import UrlSigner as UrlSigner  # re-exported
+from clc_dask.signing import planetary_computer_signer as planetary_computer_signer  # re-exported
 from clc_dask.stores import atomic_path
 
 log = logging.getLogger(__name__)
 
 builtin_datetime = datetime  # ``search_items`` has an argument called ``datetime``
 CloudFilter = Literal["auto", "filter", "query", "client"]
+#: A function signing one item now (returns the signed item, or None after signing in place).
 Signer = Callable[[pystac.Item], "pystac.Item | None"]
 
 #: HTTP statuses retried (throttling and server errors).
 RETRY_STATUSES = (429, 500, 502, 503, 504)
-#: Item-collection field naming the signer whose tokens were stripped on save.
-SIGNER_FIELD = "clc_dask:signer"
-PC_SIGNER = "planetary-computer"
 
 
 @dataclass(frozen=True)
@@ -238,7 +251,7 @@ def search_items(
     collection: str | Sequence[str] | None = None,
     limit: int | None = 100,
     max_items: int | None = None,
-    sign: Signer | bool | None = None,
+    sign: Signer | str | bool | None = None,
     cloud_filter: CloudFilter = "auto",
     timeout: float | tuple[float, float] = (10.0, 60.0),
     retries: int = 5,
@@ -260,10 +273,13 @@ def search_items(
         limit: items per page asked of the server (None: the server's default).
         max_items: stop after this many items came from the server (before the
             client-side safety filter); None follows every page.
-        sign: a function signing one item (returns the signed item, or None after signing
-            in place); None: the preset's signer (``planetary_computer.sign`` for
-            ``planetary-computer``, or re-signing a saved collection that was signed);
-            False: no signing.
+        sign: which signer the items' asset URLs need when they are read (recorded in each
+            item's :data:`SIGNER_FIELD`; no URL is signed here). None: the source's
+            (``planetary-computer`` for that preset, or the one a saved collection names);
+            True: the same, which must exist; False: none (a recorded one is removed); a name
+            (see :func:`clc_dask.signing.named_signer`). A function signing one item (returning
+            it, or None after signing in place) is applied now, for signatures that do not
+            expire; the source's signer is still recorded.
         cloud_filter: ``auto`` (what the API conforms to: CQL2 ``filter``, else ``query``,
             else client only), or force ``filter``/``query``/``client``. The client-side
             filter always runs too.
@@ -272,8 +288,8 @@ def search_items(
         backoff: seconds; base of the exponential wait between retries.
 
     Returns:
-        The matching items (hrefs absolute; signed where a signer applies), with each
-        item's datetime order kept as the server gave it.
+        The matching items (hrefs absolute and unsigned, unless ``sign`` is a function), in
+        the order the server gave them; ``extra_fields[SIGNER_FIELD]`` names their signer.
 
     Raises:
         SearchError: nothing matched (the message says which filter to relax), the AOI is
@@ -304,13 +320,13 @@ def search_items(
     else:
         collections = _as_list(collection)
         items, extra = _search_static(text, request, collections, max_items)
-        signer_name = extra.get(SIGNER_FIELD)
-    signer = _resolve_signer(sign, signer_name)
-    if signer is not None:
-        items = [_sign(signer, item) for item in items]
-    result = pystac.ItemCollection(items)
-    if signer is not None and signer_name:
-        result.extra_fields[SIGNER_FIELD] = signer_name
+        signer_name = extra.get(SIGNER_FIELD) or signer_name_of(items)
+    name = _signer_name(sign, signer_name)
+    if callable(sign):
+        items = [_sign(sign, item) for item in items]
+    result = pystac.ItemCollection(mark_signer(items, name))
+    if name:
+        result.extra_fields[SIGNER_FIELD] = name
     log.info("found %d item(s) in %s", len(items), _shown(text))
     return result
 
@@ -697,28 +713,19 @@ def _raise_empty(source: str, request: _Request, n_found: int, report: Mapping[s
 
 
 # --------------------------------------------------------------------------- signing
-def planetary_computer_signer() -> Signer:
-    """``planetary_computer.sign`` (the optional ``planetary-computer`` package)."""
-    try:
-        import planetary_computer
-    except ImportError:
-        raise ConfigError(
-            "Planetary Computer asset URLs must be signed, which needs the 'planetary-computer' "
-            "package: pip install 'clc-dask[pc]' (or pass sign=False / another signer)."
-        ) from None
-    return planetary_computer.sign  # type: ignore[no-any-return]
-
-
-def _resolve_signer(sign: Signer | bool | None, preset_signer: str | None) -> Signer | None:
+def _signer_name(sign: Signer | str | bool | None, source_signer: str | None) -> str | None:
+    """The signer recorded on the items (checked now: a missing package fails the search,
+    not the first read)."""
     if sign is False:
         return None
-    if callable(sign):
+    if isinstance(sign, str):
+        named_signer(sign)
         return sign
-    if sign is True and not preset_signer:
+    if sign is True and not source_signer:
         raise ConfigError("sign=True needs a source with a known signer (planetary-computer).")
-    if preset_signer == PC_SIGNER:
-        return planetary_computer_signer()
-    return None
+    if source_signer:
+        named_signer(source_signer)
+    return source_signer
 
 
 def _sign(signer: Signer, item: pystac.Item) -> pystac.Item:
@@ -762,19 +769,32 @@ def save_item_collection(items: pystac.ItemCollection | Iterable[pystac.Item],
                          path: str | os.PathLike[str]) -> Path:
     """Write items as an item-collection JSON, atomically, so a run can be repeated offline.
 
-    No credential is written: signed query strings (Planetary Computer SAS tokens ``sig=…``,
-    S3 ``X-Amz-Signature=…``, ``token=…``; see :func:`clc_dask.redact.unsigned_url`) and user
-    info are removed from every asset and link href, with ``msft:expiry``. A collection
-    signed by a known signer (Planetary Computer) stays marked, so that reading it back with
-    :func:`search_items` signs again; other signed hrefs must be signed again by the reader
-    (``sign`` of :func:`search_items`), which is logged.
+    No credential is written: signed query strings (Azure SAS tokens ``sig=…``, S3/GCS
+    presigned URLs, ``token=…``; see :func:`clc_dask.redact.unsigned_url`) and user info are
+    removed from every asset and link href, with Planetary Computer's ``msft:expiry``. The
+    signer the items name is kept (:data:`SIGNER_FIELD`, on the collection and each item), so
+    that reading them back with :func:`search_items` signs them again when they are read;
+    blob URLs that carried a SAS token and name no signer get Planetary Computer's.
     """
     collection = items if isinstance(items, pystac.ItemCollection) else pystac.ItemCollection(items)
     data = collection.to_dict(transform_hrefs=False)
+    names = {collection.extra_fields.get(SIGNER_FIELD)} - {None}
+    for feature in data["features"]:
+        properties = feature.setdefault("properties", {})
+        hrefs = [a.get("href", "") for a in feature.get("assets", {}).values()]
+        if any(is_blob_url(h) and is_signed_url(h) for h in hrefs) and not properties.get(SIGNER_FIELD):
+            properties[SIGNER_FIELD] = PC_SIGNER
+        if properties.get(SIGNER_FIELD):
+            names.add(properties[SIGNER_FIELD])
     stripped = _strip_signatures(data)
-    if stripped and not collection.extra_fields.get(SIGNER_FIELD):
+    if len(names) == 1:
+        data[SIGNER_FIELD] = names.pop()
+    if stripped and not (names or data.get(SIGNER_FIELD)):
         log.warning("removed the signature (an expiring credential) from %d href(s) saved in %s: "
                     "sign them again when reading (`sign`)", stripped, path)
+    elif stripped:
+        log.info("removed the signatures of %d URL(s) before saving (they expire; URLs are signed "
+                 "when read)", stripped)
     path = Path(path)
     with atomic_path(path, suffix=".json") as tmp:
         tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")

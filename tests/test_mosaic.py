@@ -453,8 +453,10 @@ def test_transient_read_errors_are_retried(monkeypatch):
 
     calls.clear()
     monkeypatch.setattr(AutoParallelRioReader, "read", forbidden)
-    with pytest.raises(ReadError, match=r"Cannot read asset https://bucket/B04\.tif: HTTP response code: 403"):
-        reader.read("w")  # not transient: no retry, the reason is named
+    with pytest.raises(ReadError, match=r"Cannot read asset https://bucket/B04\.tif: the server refused access "
+                                        r"\(HTTP response code: 403\)\. If the catalog's asset URLs must be "
+                                        r"signed, pass `sign`"):
+        reader.read("w")  # not transient, no signer to sign again: no retry, the reason is named
     assert len(calls) == 1
 
 

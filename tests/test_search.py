@@ -123,15 +123,22 @@ def test_planetary_computer_items_are_signed_one_by_one(cassette):
     assert items.extra_fields[SIGNER_FIELD] == PC_SIGNER
 
 
-def test_planetary_computer_default_signer_is_planetary_computer_sign(cassette, monkeypatch):
-    import planetary_computer
+def test_planetary_computer_items_stay_unsigned_and_name_their_signer(cassette, monkeypatch):
+    """Search asks for no token: URLs are signed when they are read (clc_dask.signing)."""
+    from planetary_computer import sas
 
-    signer = _Signer()
-    monkeypatch.setattr(planetary_computer, "sign", signer)
+    def no_token(*args, **kwargs):
+        raise AssertionError("a token was fetched during the search")
+
+    monkeypatch.setattr(sas, "get_token", no_token)
     with cassette(PC):
         items = search_items("planetary-computer",
                              datetime="2019-01-01T00:00:01Z/2019-01-01T00:00:10Z", limit=None)
-    assert len(signer.ids) == len(items) == 33
+    assert len(items) == 33 and items.extra_fields[SIGNER_FIELD] == PC_SIGNER
+    assert all(i.properties[SIGNER_FIELD] == PC_SIGNER for i in items)
+    hrefs = [a.href for i in items for a in i.assets.values()]
+    blobs = [h for h in hrefs if ".blob.core.windows.net/" in h]
+    assert len(blobs) > 33 * 10 and not any("?" in h for h in blobs)
 
 
 def test_planetary_computer_without_the_package_is_a_clear_error(cassette, monkeypatch):
