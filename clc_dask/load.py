@@ -86,14 +86,8 @@ _TRANSIENT = re.compile("|".join(TRANSIENT_ERRORS), re.IGNORECASE)
 #: Messages of a refused signature or missing credentials (GDAL reports the status on open).
 REFUSED_ERRORS: tuple[str, ...] = (r"HTTP response code: 40[13]\b",)
 _REFUSED = re.compile("|".join(REFUSED_ERRORS), re.IGNORECASE)
-#: A query string after a bare file name (GDAL says ``B04.tif?sig=…, band 1: …``).
-_BARE_QUERY = re.compile(r"(?<=[^\s'\"?=&])\?[^\s'\"<>?]*=[^\s'\"<>]*")
-
-
-def public_text(text: str) -> str:
-    """``text`` without query strings: those of URLs (:func:`~clc_dask.redact.redact_text`)
-    and those GDAL appends to bare file names in its messages."""
-    return _BARE_QUERY.sub(f"?{REDACTED}", redact_text(text))
+#: ``text`` without query strings, also those GDAL appends to bare file names in its messages.
+public_text = redact_text
 
 
 class _PublicTextFilter(logging.Filter):

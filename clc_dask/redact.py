@@ -51,6 +51,8 @@ MIN_SECRET_LENGTH = 8
 # a URL ends at a space, a quote, <, > or a closing bracket (``GetFileSize(https://…?sig=…)=42``)
 _URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://|/vsi[a-z0-9_]+/)[^\s'\"<>)\]}]+")
 _VSI_PREFIX = re.compile(r"^(/vsi[a-z0-9_]+/)(.*)$")
+# a query string after a bare file name (GDAL says ``B04.tif?sig=…, band 1: …``)
+_BARE_QUERY = re.compile(r"(?<=[^\s'\"?=&])\?[^\s'\"<>?]*=[^\s'\"<>]*")
 # ``sig=…`` or ``X-Amz-Signature=…`` outside a URL (e.g. a SAS token quoted on its own)
 _SECRET_PAIR = re.compile(
     r"(?i)\b((?:[\w-]*(?:sig|signature|token|credential|secret|password)[\w-]*"
@@ -122,10 +124,12 @@ def _split_vsi(text: str) -> tuple[str, str]:
 
 # --------------------------------------------------------------------------- free text
 def redact_text(text: str) -> str:
-    """``text`` with every URL in it passed through :func:`public_url`, ``sig=…``/``token=…``
+    """``text`` with every URL in it passed through :func:`public_url`, the query strings GDAL
+    appends to bare file names in its messages removed, ``sig=…``/``token=…``
     pairs, ``Authorization:`` values and ``Bearer`` tokens replaced, and the values of
     credential-bearing environment variables (:func:`environment_secrets`) removed."""
     clean = _URL.sub(lambda m: public_url(m.group(0)), str(text))
+    clean = _BARE_QUERY.sub(f"?{REDACTED}", clean)
     clean = _SECRET_PAIR.sub(lambda m: m[1] + REDACTED, clean)
     clean = _QUOTED_SECRET.sub(lambda m: f"{m[1]}{m[3]}{REDACTED}{m[3]}", clean)
     clean = _AUTH_HEADER.sub(lambda m: m[1] + REDACTED, clean)

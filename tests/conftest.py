@@ -46,6 +46,18 @@ def demo_servers(demo_region):
         yield servers
 
 
+@pytest.fixture(scope="session")
+def two_zone_demo(tmp_path_factory):
+    """A two-zone demo region across the UTM 32/33 border (256 px on EPSG:3035, seed 0; every
+    pass as overlapping granules in EPSG:32632 and 32633), served on loopback for the session:
+    ``(region, servers)``."""
+    from clc_dask.demo import build_region, serve_region
+
+    region = build_region(tmp_path_factory.mktemp("two-zone"), size=256, seed=0, two_zone=True)
+    with serve_region(region) as servers:
+        yield region, servers
+
+
 # --- the command line ----------------------------------------------------------------------------
 
 

@@ -244,13 +244,10 @@ TWO_ZONE_SIZE = 256  # px at 10 m: 2.56 km, the smallest demo region
 
 
 @pytest.fixture(scope="module")
-def two_zone(tmp_path_factory):
-    """A two-zone demo region (256 px, seed 0), served on loopback for this module."""
-    from clc_dask.demo import build_region, serve_region
-
-    region = build_region(tmp_path_factory.mktemp("two-zone"), size=TWO_ZONE_SIZE, seed=0, two_zone=True)
-    with serve_region(region) as servers:
-        yield region, servers
+def two_zone(two_zone_demo):
+    """The session's two-zone demo region (256 px, seed 0) and its servers."""
+    assert two_zone_demo[0].size == TWO_ZONE_SIZE
+    return two_zone_demo
 
 
 def _footprint(scene):

@@ -97,6 +97,7 @@ class Manifest:
     _verified: dict[tuple[str, str], bool] = field(default_factory=dict, repr=False)
     _hashes: dict[tuple[str, int, int], str] = field(default_factory=dict, repr=False)
     _appended: int = field(default=0, repr=False)
+    _snapshot_records: int = field(default=0, repr=False)
 
     @property
     def path(self) -> Path:
@@ -134,6 +135,7 @@ class Manifest:
                        str(data.get("checkpoint_sha256")), dict(data.get("grid") or {}),
                        dict(data.get("tiles") or {}), dict(data.get("generalized") or {}),
                        dict(data.get("state") or {}), bool(data.get("complete")), fresh=False)
+        manifest._snapshot_records = len(manifest.tiles) + len(manifest.generalized)
         manifest._replay()
         return manifest
 
@@ -191,6 +193,15 @@ class Manifest:
                     "be another run's output. Choose another output.store or pass `overwrite` to replace it."
                 )
             return start
+        if old.run_name == run_name and old.grid != grid:
+            if not overwrite:
+                raise OutputError(
+                    f"Output store {store} holds class tiles of another grid ({old.grid.get('crs')}, "
+                    f"{old.grid.get('shape')} px, tiles of {old.grid.get('tile_size')} px) than this run's "
+                    f"({grid.get('crs')}, {grid.get('shape')} px, tiles of {grid.get('tile_size')} px): "
+                    "choose another output.store or pass `overwrite`."
+                )
+            return start
         if old.run_name != run_name or old.config_sha256 != config_sha256:
             if not overwrite:
                 what = (f"run {old.run_name!r}" if old.run_name != run_name
@@ -206,15 +217,6 @@ class Manifest:
                     f"Output store {store} holds tiles predicted with checkpoint {old.checkpoint_sha256[:12]}… "
                     f"but model.checkpoint is now {checkpoint_sha256[:12]}…: resuming would mix two models. "
                     "Use the original checkpoint, another output.store, or `overwrite`."
-                )
-            return start
-        if old.grid != grid:
-            if not overwrite:
-                raise OutputError(
-                    f"Output store {store} holds class tiles of another grid ({old.grid.get('crs')}, "
-                    f"{old.grid.get('shape')} px, tiles of {old.grid.get('tile_size')} px) than this run's "
-                    f"({grid.get('crs')}, {grid.get('shape')} px, tiles of {grid.get('tile_size')} px): "
-                    "choose another output.store or pass `overwrite`."
                 )
             return start
         if not resume:
@@ -323,7 +325,7 @@ class Manifest:
         if new:
             fsync_directory(self.store)
         self._appended += 1
-        if self._appended >= max(COMPACT_EVERY, len(self.tiles) + len(self.generalized)):
+        if self._appended >= max(COMPACT_EVERY, self._snapshot_records):
             self.save()
 
     def _ends_with_newline(self) -> bool:
@@ -344,4 +346,5 @@ class Manifest:
             with atomic_path(self.journal_path, suffix=".journal"):
                 pass  # an empty journal replaces the folded one
         self._appended = 0
+        self._snapshot_records = len(self.tiles) + len(self.generalized)
         self.fresh = False
