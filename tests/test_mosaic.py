@@ -479,3 +479,43 @@ def test_gdal_options_defaults_environment_and_overrides(monkeypatch):
         "GDAL_DISABLE_READDIR_ON_OPEN": "NO", "CPL_DEBUG": "ON"}
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_gdal_options(["gdal_http_timeout"])
+
+
+def test_mosaic_like_a_raster_is_on_exactly_its_grid(shared_data, tmp_path, twm, run_cli):
+    """``like=`` (``--like``): another mosaic on exactly an existing raster's pixels, here a
+    grid in EPSG:3035 that the scenes (EPSG:32633) are reprojected onto."""
+    from clc_dask.grid import grid_of_raster, snapped_geobox
+    from clc_dask.mosaic import make_mosaic
+    from clc_dask.rasters import to_dataarray, write_geotiff
+
+    items, _, _ = twm
+    target = snapped_geobox((4_760_040, 2_590_080, 4_790_040, 2_620_080), 3035, 120)
+    reference = write_geotiff(to_dataarray(np.ones(target.shape, dtype=np.uint8), target), tmp_path / "ref.tif")
+    lazy = make_mosaic(items=items, like=reference, composite="rgb", gdal=READDIR, chunk_size=128)
+    assert lazy.odc.geobox == grid_of_raster(reference) == target
+    direct = seasonal_mosaic(load_scenes(items, target, gdal=READDIR, chunk_size=128,
+                                         bands=("B04", "B03", "B02")), "rgb")
+    out = tmp_path / "like" / "m.tif"
+    code, stdout, stderr = run_cli("mosaic", "--items", shared_data / TWM_CATALOG, "--like", reference,
+                                   "--composite", "rgb", "--gdal", "GDAL_DISABLE_READDIR_ON_OPEN=NO",
+                                   "--chunk-size", "128", "--out", out)
+    assert code == 0, stderr
+    assert "EPSG:3035, 120 m" in stdout
+    with rasterio.open(out) as src:
+        assert src.crs.to_epsg() == 3035 and src.transform == target.affine
+        assert (src.height, src.width) == target.shape
+        np.testing.assert_array_equal(src.read(), direct["reflectance"].values)
+
+
+def test_mosaic_like_needs_a_raster_with_a_crs(shared_data, tmp_path, run_cli):
+    nocrs = tmp_path / "nocrs.tif"
+    with rasterio.open(nocrs, "w", driver="GTiff", width=4, height=4, count=1, dtype="uint8") as dst:
+        dst.write(np.ones((1, 4, 4), dtype=np.uint8))
+    out = tmp_path / "out" / "m.tif"
+    code, _, stderr = run_cli("mosaic", "--items", shared_data / TWM_CATALOG, "--like", nocrs, "--out", out)
+    assert code == 1 and "has no CRS" in stderr and "--epsg" in stderr
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+    # a grid and an area at once
+    code, _, stderr = run_cli("mosaic", "--items", shared_data / TWM_CATALOG, "--like", nocrs,
+                              "--bbox", ",".join(map(str, TWM_BBOX)), "--out", out)
+    assert code == 1 and "either an area (--bbox/--aoi) or a grid" in stderr

@@ -1,0 +1,195 @@
+"""A production run against its stages measured alone, on 1 and 2 workers.
+
+On the demo region (served like the real thing: STAC API + COGs over HTTP), a run of 16 tiles
+(1024 px tiles of the 4096 px region) with the ``cpu-demo`` network (seeded weights: the same
+arithmetic as a trained model) is timed, and so is each of its stages alone, for the same
+tiles, on the same cluster:
+
+* **mosaic**: scenes → SCL-masked median of every tile (the run's tile grids, with context),
+  computed and kept in the workers' memory;
+* **predict**: the class maps of those mosaics (window grid of the run);
+* **write**: the class tiles written as COGs by the workers;
+* **generalize**: the whole class map generalized (tiled, exact) and the polygons written.
+
+Reported for 1 and 2 single-threaded workers: tiles per hour of the run and of each stage
+alone, the run's throughput over its slowest stage's and over all stages done one after
+another (what a run with barriers between stages takes), the client's CPU seconds per tile, the workers' idle fraction during
+the run (1 − busy thread time / (wall time × threads), from the task stream), and the speed-up
+of 2 workers over 1. Needs both cores free.
+
+    python benchmarks/bench_run.py --workdir /tmp/bench-run [--size 4096] [--tile 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import dask
+import dask.array
+import dask.distributed
+import geopandas as gpd
+import torch
+import yaml
+from distributed import Client, LocalCluster, get_task_stream
+
+from clc_dask.classes import ClassTable
+from clc_dask.config import load_run_config
+from clc_dask.demo import build_region, serve_region
+from clc_dask.generalize import TiledGeneralization, fixed_gpkg_date, vectorize_tiled
+from clc_dask.load import load_scenes
+from clc_dask.model import Checkpoint, Normalization, build_model, save_checkpoint
+from clc_dask.mosaic import seasonal_mosaic
+from clc_dask.predict import predict
+from clc_dask.presets import get_preset
+from clc_dask.rasters import to_dataarray
+from clc_dask.run import execute_run, resolve_run
+from clc_dask.run.tiles import TileProcessor
+
+BANDS = ("B08", "B04", "B03")
+
+
+def checkpoint(path: Path, codes: list[int]) -> Path:
+    preset = get_preset("cpu-demo")
+    torch.manual_seed(0)
+    table = ClassTable(2, codes)
+    model = build_model(preset.encoder, len(BANDS), len(table), None, decoder_channels=preset.decoder_channels)
+    norm = Normalization((0.25, 0.08, 0.07), (0.03, 0.01, 0.01))
+    return save_checkpoint(Checkpoint(preset.encoder, BANDS, table, norm, model.state_dict(),
+                                      decoder_channels=preset.decoder_channels), path)
+
+
+def write_config(root: Path, region, servers, store: Path, tile: int) -> Path:
+    frame = gpd.GeoDataFrame({"name": ["demo"]}, geometry=[region.geobox.extent.geom], crs=region.crs)
+    frame.to_file(root / "aoi.gpkg", driver="GPKG")
+    raw = {
+        "name": "bench",
+        "aoi": {"path": str(root / "aoi.gpkg")},
+        "grid": {"epsg": int(region.epsg), "resolution": 10, "tile_size": tile, "chunk_size": tile},
+        "imagery": {"source": servers.stac_url, "collection": region.collection_id, "year": region.year,
+                    "seasons": ["september"], "max_cloud": 90, "composite": "nrg"},
+        "model": {"checkpoint": str(root / "model.pt"), "window": 512, "halo": 64, "batch_size": 8,
+                  "device": "cpu"},
+        "output": {"store": str(store), "formats": ["cog"], "vectorize": True},
+        "cluster": {"kind": "threads"},  # the client is given to execute_run
+    }
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def idle_fraction(stream: list[dict], seconds: float, threads: int) -> float:
+    busy = sum(stop - start for task in stream for _, start, stop in
+               [(s["action"], s["start"], s["stop"]) for s in task["startstops"] if s["action"] == "compute"])
+    return max(0.0, 1.0 - busy / (seconds * threads))
+
+
+def stages(ctx, client: Client) -> dict[str, float]:
+    """Each stage of the run alone, for the same tiles, on ``client``'s workers (seconds)."""
+    processor = TileProcessor(ctx, client=client)
+    layouts = [ctx.layout(t) for t in ctx.tiles]
+    out: dict[str, float] = {}
+    started = time.perf_counter()
+    mosaics = []
+    for layout in layouts:
+        scenes = load_scenes(list(ctx.items), layout.load_geobox, bands=list(BANDS), chunk_size=layout.chunk)
+        mosaics.append(seasonal_mosaic(scenes, "nrg")["reflectance"])
+    mosaics = client.persist(mosaics)
+    dask.distributed.wait(mosaics)
+    out["mosaic"] = time.perf_counter() - started
+    started = time.perf_counter()
+    maps = []
+    for layout, mosaic in zip(layouts, mosaics, strict=True):
+        pad = layout.context
+        padding = ((0, 0), (layout.before[0] - pad, layout.after - pad), (layout.before[1] - pad, layout.after - pad))
+        data = dask.array.pad(mosaic.data, padding, mode="constant", constant_values=0)
+        data = data.rechunk(((data.shape[0],), *layout.array_chunks()))
+        arr = to_dataarray(data, layout.array_geobox, band_names=list(BANDS), name="mosaic")
+        model = ctx.config.model
+        class_map = predict(arr, ctx.checkpoint.path, halo=model.halo, window=model.window,
+                            batch_size=model.batch_size, device="cpu", chunk_size=None, client=client)
+        (ny, nx), (by, bx) = layout.shape, layout.before
+        maps.append(class_map.data[by:by + ny, bx:bx + nx])
+    maps = client.persist(maps)
+    dask.distributed.wait(maps)
+    out["predict"] = time.perf_counter() - started
+    started = time.perf_counter()
+    writes = [dask.delayed(processor.writer.write)(t, m, {}) for t, m in zip(ctx.tiles, maps, strict=True)]
+    client.compute(writes, sync=True)
+    out["write"] = time.perf_counter() - started
+    started = time.perf_counter()
+    rows, cols = ctx.grid.shape
+    by_name = dict(zip((t.name for t in ctx.tiles), maps, strict=True))
+    stitched = dask.array.block([[by_name[f"{r}_{c}"] for c in range(1, cols + 1)] for r in range(1, rows + 1)])
+    codes = to_dataarray(stitched, ctx.grid.geobox, name="classes")
+    tiled = TiledGeneralization(codes, ctx.store / "bench-generalize", mmu_ha=25, min_width_m=100)
+    tiled.run()
+    with fixed_gpkg_date(2018):
+        vectorize_tiled(tiled.result(), ctx.store / "bench-polygons.gpkg", level=2)
+    out["generalize"] = time.perf_counter() - started
+    return out
+
+
+def measure(args: argparse.Namespace, region, servers, workers: int) -> dict[str, float]:
+    root = Path(args.workdir) / f"w{workers}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    checkpoint(root / "model.pt", [11, 12, 13, 21, 22, 23, 24, 31, 32, 41, 51])
+    store = root / "store"
+    config = load_run_config(write_config(root, region, servers, store, args.tile))
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        client.run(lambda: torch.set_num_threads(1))
+        # warm the workers (model loads, imports) on a throw-away run of one tile
+        warm = config.model_copy(update={"output": config.output.model_copy(update={"store": str(root / "warm")})})
+        execute_run(warm, tile_names=["1_1"], client=client)
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        started = time.perf_counter()
+        with get_task_stream(client) as stream:
+            result = execute_run(config, client=client)
+        seconds = time.perf_counter() - started
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        tiles = len(result.computed)
+        run_idle = idle_fraction(stream.data, seconds, workers)
+        ctx = resolve_run(config.model_copy(update={"output": config.output.model_copy(
+            update={"store": str(root / "stages")})}))
+        alone = stages(ctx, client)
+    client_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
+    slowest = max(alone, key=alone.get)
+    return {
+        "workers": workers, "tiles": tiles, "run_seconds": round(seconds, 1),
+        "run_tiles_per_hour": round(tiles / seconds * 3600, 1),
+        **{f"{k}_seconds_alone": round(v, 1) for k, v in alone.items()},
+        **{f"{k}_tiles_per_hour_alone": round(tiles / v * 3600, 1) for k, v in alone.items()},
+        "slowest_stage": slowest,
+        "run_over_slowest_stage": round(alone[slowest] / seconds, 3),
+        "sum_of_stages_over_run": round(sum(alone.values()) / seconds, 3),
+        "client_cpu_seconds_per_tile": round(client_cpu / tiles, 3),
+        "worker_idle_fraction": round(run_idle, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="/tmp/bench-run")
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--tile", type=int, default=1024)
+    parser.add_argument("--workers", default="1,2")
+    args = parser.parse_args()
+    region = build_region(Path(args.workdir) / "region", size=args.size, seed=0)
+    results = []
+    with serve_region(region) as servers:
+        for workers in [int(w) for w in args.workers.split(",")]:
+            results.append(measure(args, region, servers, workers))
+            print(json.dumps(results[-1], indent=1), flush=True)
+    if len(results) == 2:
+        speedup = results[1]["run_tiles_per_hour"] / results[0]["run_tiles_per_hour"]
+        print(json.dumps({"two_workers_over_one": round(speedup, 3)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
