@@ -32,6 +32,7 @@ import shapely
 import torch
 import yaml
 from faults.tokens import BlobServer, TokenService
+from leakcheck import assert_no_leaks
 from planetary_computer import sas
 from rasterio.env import get_gdal_config
 
@@ -392,7 +393,10 @@ def _tile_files(store: Path) -> dict[str, bytes]:
 
 
 def test_run_outlasting_its_tokens_equals_the_clean_run(run_root, demo_region, local_items, blob_items,
-                                                       tokens, blobs, caplog):
+                                                       tokens, blobs, caplog, monkeypatch):
+    # a secret GDAL reads from the environment (where credentials belong): used, never written
+    secret = "planted-Secret-9f3c1d7e0b2a4c6e8f1a3b5d"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     clean = R.execute_run(_run_config(run_root, demo_region, "clean", local_items))
     config = _run_config(run_root, demo_region, "signed", blob_items, _gdal(blobs))
     plan = R.dry_run(config)
@@ -410,6 +414,9 @@ def test_run_outlasting_its_tokens_equals_the_clean_run(run_root, demo_region, l
     assert saved[SIGNER_FIELD] == PC_SIGNER
     assert _assert_no_token_in_files(result.store, tokens) > 10
     _assert_no_token_in(caplog.text, tokens, "the logs")
+    # every file the run wrote, and the logs: neither the planted secret nor any token
+    scan = assert_no_leaks([secret, *_token_strings(tokens)], paths=[result.store], logs={"caplog": caplog.text})
+    assert scan.files > 10
 
 
 def test_rasterio_debug_logs_show_no_token(tokens, blobs, demo_region, blob_items, caplog):
