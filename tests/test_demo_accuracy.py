@@ -1,10 +1,14 @@
-"""The default demo region, end to end through evaluation: the accuracy users are promised.
+"""The default demo region, end to end: the accuracy users are promised, and the outputs' bytes.
 
 ``clc-dask demo`` (4096 × 4096 px, seed 0) with the ``cpu-demo`` preset must reach a validation
 mIoU ≥ 0.75 over the Level-2 classes present, and its map of the held-out southern quarter —
-never seen in training — a mIoU ≥ 0.75 against the CLC reference. This is the longest test of
-the suite (about 7.5 minutes on 2 cores: region 1 min, mosaics 1 min, training 6 min,
-prediction and scoring 0.5 min); the step timings are printed for the record, never asserted.
+never seen in training — a mIoU ≥ 0.75 against the CLC reference. Every output of the demo —
+mosaics, labels, maps, generalized map and the production run's tiles — must keep the SHA-256
+recorded in ``tests/demo_outputs.json``: the mosaics and labels everywhere, the outputs of
+the trained network for the numerics they were recorded with (the CPU's vector unit and whether
+it trains in bfloat16). This is the longest test of the suite (about 9 minutes on 2 cores:
+region 1 min, mosaics 1 min, training 6 min, prediction, scoring, generalization and the run
+1.5 min); the step timings are printed for the record, never asserted.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ def demo(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:
-        ctx = run_demo(tmp_path_factory.mktemp("demo-accuracy"), size=DEFAULT_SIZE, seed=0, until="evaluate")
+        ctx = run_demo(tmp_path_factory.mktemp("demo-accuracy"), size=DEFAULT_SIZE, seed=0)
     finally:
         torch.set_num_threads(threads)
     print("\ndemo step timings (s):", {name: r["seconds"] for name, r in ctx.results.items()})
@@ -96,3 +100,51 @@ def test_held_out_report_equals_scikit_learn_on_the_demo_maps(demo):
     matrix = MulticlassConfusionMatrix(num_classes=len(codes) + 1)(preds, target).numpy()
     np.testing.assert_array_equal(np.array(report["confusion_matrix"]), matrix[:-1, :-1])
     assert [report["missed_pixels"][str(c)] for c in codes] == matrix[:-1, -1].tolist()
+
+
+#: Outputs whose bytes do not depend on the CPU's floating point (no network involved).
+EXACT_OUTPUTS = ("mosaics/april.tif", "mosaics/april_clear_count.tif", "mosaics/july.tif",
+                 "mosaics/july_clear_count.tif", "mosaics/september.tif", "mosaics/september_clear_count.tif",
+                 "labels/clc_level2.tif", "labels/clc_level2_train.tif")
+#: Outputs of the trained network: their bytes are those of the numerics they were made with.
+MODEL_OUTPUTS = ("maps/classes.tif", "maps/generalized.tif", "maps/generalized.gpkg",
+                 "run/tiles/1_1/classes.tif", "run/tiles/1_2/classes.tif", "run/tiles/2_1/classes.tif",
+                 "run/tiles/2_2/classes.tif", "run/tiles/1_1/generalized.tif", "run/tiles/1_2/generalized.tif",
+                 "run/tiles/2_1/generalized.tif", "run/tiles/2_2/generalized.tif", "run/polygons.gpkg")
+
+
+def numerics() -> str:
+    """What the network's outputs depend on: the CPU's vector unit and the training precision."""
+    from clc_dask.train.device import cpu_has_bf16
+
+    return f"{torch.backends.cpu.get_cpu_capability()}-{'bf16' if cpu_has_bf16() else 'fp32'}"
+
+
+def test_demo_outputs_keep_their_recorded_bytes(demo):
+    import hashlib
+    from pathlib import Path
+
+    recorded = json.loads((Path(__file__).parent / "demo_outputs.json").read_text())
+    found = {rel: hashlib.sha256((demo.workdir / rel).read_bytes()).hexdigest()
+             for rel in EXACT_OUTPUTS + MODEL_OUTPUTS}
+    print(f"\ndemo output SHA-256 (numerics {numerics()}):", json.dumps(found, indent=1))
+    assert {rel: found[rel] for rel in EXACT_OUTPUTS} == recorded["exact"]
+    by_numerics = recorded["model"].get(numerics())
+    if by_numerics is not None:
+        assert {rel: found[rel] for rel in MODEL_OUTPUTS} == by_numerics
+
+
+def test_demo_run_is_generalized_as_one_map(demo):
+    """Whatever the numerics: the run's generalized tiles are the CORINE rules applied to the
+    whole stitched class map, not tile by tile."""
+    from clc_dask.generalize import generalize_array
+
+    size = DEFAULT_SIZE // 2
+    stitched = {layer: np.zeros((DEFAULT_SIZE, DEFAULT_SIZE), dtype=np.uint8) for layer in ("classes", "generalized")}
+    for row in (1, 2):
+        for col in (1, 2):
+            for layer, array in stitched.items():
+                tile = open_raster(demo.workdir / "run" / "tiles" / f"{row}_{col}" / f"{layer}.tif").values[0]
+                array[(row - 1) * size:row * size, (col - 1) * size:col * size] = tile
+    expected = generalize_array(stitched["classes"], 10.0, 25, 100)
+    np.testing.assert_array_equal(stitched["generalized"], expected)
