@@ -14,14 +14,21 @@ right for COGs in buckets. Every option can be changed:
 Catalogs whose georeference lives in ``.aux.xml`` sidecars (e.g. rasters re-encoded as
 JPEG2000 without embedded georeferencing) need ``GDAL_DISABLE_READDIR_ON_OPEN=NO``:
 with ``EMPTY_DIR`` GDAL never sees the sidecar and the raster has no CRS.
+
+GDAL remembers what it learned about a ``/vsicurl/`` URL (its size, downloaded blocks, a
+failed first request) for the life of the process. :func:`clear_cached_url` forgets it, so
+that a retry after a dropped connection really asks the server again.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from stackstac import LayeredEnv
 
@@ -101,3 +108,59 @@ def _as_text(value: object) -> str:
     if isinstance(value, bool):
         return "YES" if value else "NO"
     return str(value)
+
+
+def clear_cached_url(url: str) -> bool:
+    """Forget GDAL's cached state for ``url`` (file size, downloaded blocks, failed requests).
+
+    Called before retrying a failed read, so that the retry sends new requests instead of
+    replaying what GDAL cached (``VSICurlPartialClearCache`` of the libgdal rasterio uses).
+
+    Args:
+        url: an asset href as given to rasterio (``https://…``, ``s3://…``, ``/vsicurl/…``).
+
+    Returns:
+        True if a cache was cleared; False for local files (GDAL caches nothing for them) or
+        where the GDAL function is unavailable.
+    """
+    path = _vsi_path(url)
+    if not path.startswith("/vsi"):
+        return False
+    clear = _partial_clear_cache()
+    if clear is None:
+        log.debug("VSICurlPartialClearCache is unavailable: GDAL's cache for %s stays", path)
+        return False
+    clear(path.encode("utf-8"))
+    return True
+
+
+def _vsi_path(url: str) -> str:
+    """The GDAL file name rasterio opens for ``url`` (``https://h/f.tif`` → ``/vsicurl/https://h/f.tif``)."""
+    try:
+        from rasterio._path import _parse_path
+
+        return str(_parse_path(url).as_vsi())
+    except Exception:  # rasterio's private helper moved: the rules for plain HTTP(S) URLs
+        return f"/vsicurl/{url}" if url.startswith(("http://", "https://")) else url
+
+
+@functools.cache
+def _partial_clear_cache() -> Callable[[bytes], None] | None:
+    """``VSICurlPartialClearCache`` from the libgdal loaded by rasterio (None if not found).
+
+    rasterio's extension modules link libgdal, so the symbol resolves through them; a
+    separately installed libgdal would have a cache of its own and is only a fallback.
+    """
+    import rasterio._env
+
+    for library in (rasterio._env.__file__, ctypes.util.find_library("gdal")):
+        if not library:
+            continue
+        try:
+            function = ctypes.CDLL(library).VSICurlPartialClearCache
+        except (OSError, AttributeError):
+            continue
+        function.argtypes = [ctypes.c_char_p]
+        function.restype = None
+        return function  # type: ignore[no-any-return]
+    return None

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,16 +33,19 @@ from urllib.parse import urlparse, urlunparse
 
 import geopandas as gpd
 import pystac
+import requests
 import shapely.geometry
 from pystac.utils import make_absolute_href
 from pystac_client import ItemSearch
 from pystac_client.exceptions import APIError
 from pystac_client.stac_api_io import StacApiIO
 from shapely.geometry.base import BaseGeometry
+from urllib3.exceptions import MaxRetryError
 from urllib3.util.retry import Retry
 
 from clc_dask import __version__
 from clc_dask.errors import ConfigError, InputError, SearchError
+from clc_dask.redact import public_url, redact_text
 from clc_dask.seasons import Interval, format_interval, parse_interval, season_intervals
 from clc_dask.stores import atomic_path
 
@@ -145,8 +149,10 @@ def make_stac_io(
 
     Args:
         timeout: seconds (connect, read), or one number for both.
-        retries: attempts after the first, for connection errors and HTTP 429/5xx —
-            POST searches included (urllib3 skips POST unless ``allowed_methods=None``).
+        retries: attempts after the first, for connection errors, timeouts and HTTP
+            429/5xx — POST searches included (urllib3 skips POST unless
+            ``allowed_methods=None``) — and, separately, for answers cut short or stalled
+            after their headers (which urllib3 cannot retry).
         backoff: seconds; waits grow as ``backoff × 2^n`` unless the server sends
             ``Retry-After``, which is honoured.
     """
@@ -158,9 +164,65 @@ def make_stac_io(
         respect_retry_after_header=True,
         raise_on_status=True,
     )
-    return StacApiIO(
-        headers={"User-Agent": f"clc-dask/{__version__}"}, timeout=timeout, max_retries=retry
+    return RetryingStacApiIO(
+        retries=retries, backoff=backoff,
+        headers={"User-Agent": f"clc-dask/{__version__}"}, timeout=timeout, max_retries=retry,
     )
+
+
+class RetryingStacApiIO(StacApiIO):
+    """pystac-client's I/O, also retrying answers whose body was cut short or stalled.
+
+    urllib3 retries a request until its status line and headers arrive; a connection dropped
+    (or timed out) while the body is read surfaces later, inside ``requests``, and pystac-client
+    turns it into an :class:`~pystac_client.exceptions.APIError`. Those are retried here, with
+    exponential backoff, up to ``retries`` times; then the error names the URL (without its
+    query string) and the cause.
+
+    Args:
+        retries: attempts after the first for an answer cut short.
+        backoff: seconds before the first of them; doubled each time.
+        **kwargs: :class:`~pystac_client.stac_api_io.StacApiIO` arguments.
+    """
+
+    def __init__(self, *, retries: int = 5, backoff: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.retries = retries
+        self.backoff = backoff
+
+    def request(self, href: str, method: str | None = None, headers: dict[str, str] | None = None,
+                parameters: dict[str, Any] | None = None) -> str:
+        """Make the request; retry an answer cut short, else raise APIError."""
+        attempt = 0
+        while True:
+            try:
+                return super().request(href, method=method, headers=headers, parameters=parameters)
+            except APIError as exc:
+                cause = exc.__context__
+                if not is_cut_short(cause):
+                    raise
+                reason = redact_text(_short(cause))  # type: ignore[arg-type]
+                if attempt >= self.retries:
+                    tried = f" after {attempt + 1} attempts" if attempt else ""
+                    raise APIError(
+                        f"the answer of {public_url(href)} was cut short{tried}: {reason}"
+                    ) from None
+                delay = self.backoff * 2**attempt
+                log.warning("the answer of %s was cut short (%s); retry %d/%d in %.2f s",
+                            public_url(href), reason, attempt + 1, self.retries, delay)
+                time.sleep(delay)
+                attempt += 1
+
+
+def is_cut_short(exc: BaseException | None) -> bool:
+    """True for a ``requests`` error raised while reading a body (connection dropped, body
+    shorter than promised, read timeout), not for one urllib3 already retried to exhaustion."""
+    if isinstance(exc, (requests.exceptions.ChunkedEncodingError,
+                        requests.exceptions.ContentDecodingError)):
+        return True
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+        return not any(isinstance(arg, MaxRetryError) for arg in exc.args)
+    return False
 
 
 # --------------------------------------------------------------------------- search

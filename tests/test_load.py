@@ -1,0 +1,124 @@
+"""Loading scenes: reads that never depend on the read window, on real Sentinel-2 data.
+
+The real 33TWM scenes (EPSG:32633, 120 m) are read onto grids in their own UTM zone, in the
+neighbouring zone and in EPSG:3035. A tile loaded on its own grid, or the grid loaded in
+small chunks, must equal the same pixels of the whole grid loaded at once, bit for bit —
+otherwise every tile edge of a production run can show a seam.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from odc.geo.geom import box
+
+from clc_dask.errors import ConfigError
+from clc_dask.grid import geobox_for_aoi
+from clc_dask.load import exact_warp_xml, load_scenes
+from clc_dask.search import search_items
+
+TWM_CATALOG = "s2/earthsearch_v1_33TWM_2023-08/catalog.json"
+READDIR = {"GDAL_DISABLE_READDIR_ON_OPEN": "NO"}  # the georeference is in .aux.xml sidecars
+AOI = box(15.62, 46.25, 15.9, 46.45, "EPSG:4326")  # inside the 33TWM tile
+RESOLUTION = 120.0  # metres: the catalog's files are 120 m
+#: Sub-windows (rows, cols) of the grid: at the origin, unaligned, on the far edges.
+WINDOWS = [
+    (slice(0, 64), slice(0, 64)),
+    (slice(37, 101), slice(53, 150)),
+    (slice(101, None), slice(7, 77)),
+    (slice(60, None), slice(130, None)),
+]
+CHUNK = 48  # pixels: chunk edges fall inside every window above
+
+
+@pytest.fixture(scope="module")
+def twm_items(shared_data):
+    """Two clear dates of the real 33TWM catalog (B04 and SCL are read)."""
+    items = search_items(shared_data / TWM_CATALOG, datetime="2023-08-13/2023-08-15")
+    assert sorted(i.id for i in items) == ["S2A_33TWM_20230815_0_L2A", "S2B_33TWM_20230813_0_L2A"]
+    return list(items)
+
+
+def _load(items, geobox, **kwargs):
+    return load_scenes(items, geobox, gdal=READDIR, bands=("B04",), **kwargs)
+
+
+@pytest.fixture(scope="module", params=[32633, 32634, 3035], ids=["utm33", "utm34", "laea"])
+def whole(request, twm_items):
+    """The whole grid in one read (one chunk), as (geobox, values)."""
+    gbox = geobox_for_aoi(AOI, request.param, RESOLUTION)
+    values = _load(twm_items, gbox).values
+    assert values.shape == (2, 2, *gbox.shape)
+    assert (values > 0).mean() > 0.999  # real pixels everywhere, not fill
+    return gbox, values
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=["origin", "inner", "bottom", "right"])
+def test_a_tile_loaded_on_its_own_grid_equals_that_window_of_the_whole(twm_items, whole, window):
+    gbox, values = whole
+    tile = gbox[window]
+    loaded = _load(twm_items, tile)
+    assert loaded.odc.geobox == tile
+    np.testing.assert_array_equal(loaded.values, values[:, :, window[0], window[1]])
+
+
+def test_small_unaligned_chunks_equal_the_whole_read(twm_items, whole):
+    gbox, values = whole
+    chunked = _load(twm_items, gbox, chunksize=CHUNK)
+    assert chunked.data.numblocks[2:] == (-(-gbox.shape.y // CHUNK), -(-gbox.shape.x // CHUNK))
+    np.testing.assert_array_equal(chunked.values, values)
+
+
+def test_the_approximate_transformer_would_leave_seams(twm_items, whole):
+    """The control: GDAL's default 0.125 px approximation makes tiles differ from the whole
+    grid wherever the grid is reprojected (which is why reads are exact)."""
+    gbox, values = whole
+    window = WINDOWS[1]
+    tile = _load(twm_items, gbox[window], warp_tolerance=0.125).values
+    whole_approx = _load(twm_items, gbox, warp_tolerance=0.125).values[:, :, window[0], window[1]]
+    differing = int((tile != whole_approx).any(axis=1).sum())
+    if gbox.crs.epsg == 32633:
+        assert differing == 0  # same CRS and pixel size: the transform is affine, hence exact
+    else:
+        assert differing > 0
+
+
+def test_exact_warp_xml_unwraps_the_approximate_transformer():
+    xml = ("<VRTDataset><GDALWarpOptions><Transformer><ApproxTransformer><MaxError>0.125"
+           "</MaxError><BaseTransformer><GenImgProjTransformer><SrcGeoTransform>0,1,0,0,0,-1"
+           "</SrcGeoTransform></GenImgProjTransformer></BaseTransformer></ApproxTransformer>"
+           "</Transformer></GDALWarpOptions></VRTDataset>")
+    exact = exact_warp_xml(xml)
+    assert "Approx" not in exact and "MaxError" not in exact
+    assert ("<Transformer><GenImgProjTransformer><SrcGeoTransform>0,1,0,0,0,-1</SrcGeoTransform>"
+            "</GenImgProjTransformer></Transformer>") in exact
+    assert exact_warp_xml(exact) == exact
+
+
+def test_negative_warp_tolerance_is_refused(twm_items, whole):
+    gbox, _ = whole
+    with pytest.raises(ConfigError, match="`warp_tolerance` must be 0 .* not -1"):
+        _load(twm_items, gbox, warp_tolerance=-1)
+
+
+def test_gdal_cache_is_cleared_for_remote_urls_only():
+    from clc_dask.gdalenv import _vsi_path, clear_cached_url
+
+    assert _vsi_path("https://bucket.example/B04.tif?sig=x") == "/vsicurl/https://bucket.example/B04.tif?sig=x"
+    assert _vsi_path("s3://bucket/B04.tif") == "/vsis3/bucket/B04.tif"
+    assert clear_cached_url("https://bucket.example/B04.tif") is True
+    assert clear_cached_url("/data/B04.tif") is False  # GDAL caches nothing for local files
+
+
+def test_reader_settings_survive_pickling():
+    """Readers travel to Dask workers: retries and the warp tolerance go with them."""
+    import pickle
+
+    from clc_dask.load import RetryingReader
+
+    reader = RetryingReader(url="https://bucket.example/B04.tif", spec=None, resampling=None,
+                            dtype=np.dtype("uint16"), fill_value=0, scale_offset=(1, 0),
+                            gdal_env=None, retries=4, retry_delay=0.5, warp_tolerance=0.125)
+    copy = pickle.loads(pickle.dumps(reader))
+    assert (copy.url, copy.retries, copy.retry_delay, copy.warp_tolerance) == (
+        "https://bucket.example/B04.tif", 4, 0.5, 0.125)
