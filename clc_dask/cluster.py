@@ -70,7 +70,7 @@ def get_client(
             ) from exc
     gpus = gpu_count()
     if kind == "cuda" or (kind == "auto" and gpus > 0):
-        return Client(_local_cuda_cluster(gpus, memory_limit, dashboard_address))
+        return _client_of(_local_cuda_cluster(gpus, memory_limit, dashboard_address))
     cores = os.cpu_count() or 1
     if n_workers is None:
         n_workers = max(1, cores // 2) if threads_per_worker is None else max(1, cores // threads_per_worker)
@@ -85,7 +85,17 @@ def get_client(
     )
     log.info("started LocalCluster: %d worker(s) × %d thread(s); dashboard %s",
              n_workers, threads_per_worker, cluster.dashboard_link)
-    return Client(cluster)
+    return _client_of(cluster)
+
+
+def _client_of(cluster: LocalCluster) -> Client:
+    """A client of a cluster just started; the cluster is closed if the client cannot be made
+    (an error, or a stop signal arriving in between)."""
+    try:
+        return Client(cluster)
+    except BaseException:
+        cluster.close()
+        raise
 
 
 def _local_cuda_cluster(gpus: int, memory_limit: str | None, dashboard_address: str | None) -> LocalCluster:
@@ -148,16 +158,15 @@ def connect(
     if not address and kind == "threads":
         yield None
         return
-    client = get_client(address=address, kind="address" if address else kind, n_workers=n_workers,
-                        threads_per_worker=threads_per_worker, memory_limit=memory_limit,
-                        dashboard_address=dashboard_address, connect_timeout=connect_timeout)
-    started = None if address else client.cluster
-    try:
+    with contextlib.ExitStack() as stack:
+        client = get_client(address=address, kind="address" if address else kind, n_workers=n_workers,
+                            threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                            dashboard_address=dashboard_address, connect_timeout=connect_timeout)
+        # closed in reverse order, each even if closing the one before failed or was interrupted
+        if not address:
+            stack.callback(client.cluster.close)
+        stack.callback(client.close)
         yield client
-    finally:
-        client.close()
-        if started is not None:
-            started.close()
 
 
 def connect_for_run(settings: ClusterConfig, scheduler: str | None = None) -> contextlib.AbstractContextManager[Client | None]:

@@ -31,8 +31,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import uuid
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -56,6 +54,7 @@ from clc_dask.grid import assert_same_grid
 from clc_dask.items import composite_bands
 from clc_dask.model import Normalization
 from clc_dask.rasters import atomic_path, geobox_of, open_raster
+from clc_dask.stores import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -983,9 +982,7 @@ def cache_patches(index: PatchIndex, store: str | os.PathLike[str], *, client: A
     samples = [(s, split) for split in SPLITS for s in index.samples(split)]
     size, nb = index.patch_size, len(index.bands)
     label_dtype = index.sources().labels.dtype
-    store.parent.mkdir(parents=True, exist_ok=True)
-    tmp = store.with_name(f".{store.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_directory(store) as tmp:  # appears at `store` only when complete
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         x_arr = group.create_array("x", shape=(len(samples), nb, size, size), chunks=(1, nb, size, size),
                                    dtype="uint16", fill_value=0)
@@ -1003,16 +1000,6 @@ def cache_patches(index: PatchIndex, store: str | os.PathLike[str], *, client: A
             "samples": [[s.season, s.row, s.col, split] for s, split in samples],
             "complete": True,
         })
-        if store.exists():
-            old = store.with_name(f".{store.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(store, old)
-            os.replace(tmp, store)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, store)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("cached %d patches to %s", len(samples), store)
     return store
 
@@ -1032,6 +1019,27 @@ def _open_cache(store: Path) -> tuple[Any, Any, Any]:
         raise
     except Exception as exc:
         raise InputError(f"Cannot open patch cache {store}: {exc}. Rerun clc-dask patches --cache-zarr.") from exc
+
+
+def _unreadable(x_arr: Any, y_arr: Any, row: int) -> bool:
+    """True if the patch in ``row`` of the cache cannot be read."""
+    try:
+        x_arr[row], y_arr[row]
+    except Exception:
+        return True
+    return False
+
+
+def _damaged_cache_error(store: Path, x_arr: Any, y_arr: Any, row: int, error: Exception) -> InputError:
+    """An InputError naming the chunk files of a patch that cannot be read."""
+    files = [store / name / arr.metadata.encode_chunk_key((row, *[0] * (arr.ndim - 1)))
+             for name, arr in (("x", x_arr), ("y", y_arr))]
+    return InputError(
+        f"The patch cache {store} is damaged: patch {row} (chunk file {files[0]} or {files[1]}) cannot be "
+        f"read ({type(error).__name__}: {error}). Write it again (`cache_patches` with `overwrite`, or "
+        "clc-dask patches --cache-zarr --overwrite), or delete it: training with data 'zarr' rebuilds a "
+        "missing cache."
+    )
 
 
 class EpochSampler(Sampler[int]):
@@ -1112,7 +1120,11 @@ class ZarrPatchDataset(Dataset):
             _, x_arr, y_arr = _open_cache(self.store)
             if self.preload:  # the split's samples in order: sample i is row i of these arrays
                 rows = (np.asarray(self._rows, dtype=np.int64),)
-                self._arrays = (x_arr.get_orthogonal_selection(rows), y_arr.get_orthogonal_selection(rows))
+                try:
+                    self._arrays = (x_arr.get_orthogonal_selection(rows), y_arr.get_orthogonal_selection(rows))
+                except Exception as exc:
+                    damaged = next((r for r in self._rows if _unreadable(x_arr, y_arr, r)), self._rows[0])
+                    raise _damaged_cache_error(self.store, x_arr, y_arr, damaged, exc) from exc
                 log.info("read %d %s patches of %s into memory", len(self._rows), self.split, self.store)
             else:
                 self._arrays = (x_arr, y_arr)
@@ -1121,7 +1133,11 @@ class ZarrPatchDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x_arr, y_arr = self._open()
         row = i if self.preload else self._rows[i]
-        return _to_tensors(x_arr[row], y_arr[row], self.normalization, self.classes)
+        try:
+            x, y = x_arr[row], y_arr[row]
+        except Exception as exc:
+            raise _damaged_cache_error(self.store, x_arr, y_arr, row, exc) from exc
+        return _to_tensors(x, y, self.normalization, self.classes)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
