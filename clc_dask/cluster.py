@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Literal
 
+import dask
 from distributed import Client, LocalCluster
 
 from clc_dask.config import ClusterConfig
@@ -44,6 +47,7 @@ def get_client(
     memory_limit: str | None = None,
     dashboard_address: str | None = ":0",
     connect_timeout: str = "30s",
+    local_directory: str | os.PathLike[str] | None = None,
 ) -> Client:
     """Connect to a scheduler or start a local (CUDA) cluster, and return its client.
 
@@ -55,6 +59,7 @@ def get_client(
         memory_limit: per local worker, e.g. ``"4GiB"``.
         dashboard_address: where the dashboard listens (``":0"`` = a free port; None = off).
         connect_timeout: how long to wait for a remote scheduler.
+        local_directory: scratch folder of local workers (default: dask's, in the temp folder).
     """
     address = address or os.environ.get("DASK_SCHEDULER_ADDRESS")
     if kind == "address" and not address:
@@ -70,7 +75,7 @@ def get_client(
             ) from exc
     gpus = gpu_count()
     if kind == "cuda" or (kind == "auto" and gpus > 0):
-        return _client_of(_local_cuda_cluster(gpus, memory_limit, dashboard_address))
+        return _client_of(_local_cuda_cluster(gpus, memory_limit, dashboard_address, local_directory))
     cores = os.cpu_count() or 1
     if n_workers is None:
         n_workers = max(1, cores // 2) if threads_per_worker is None else max(1, cores // threads_per_worker)
@@ -82,6 +87,7 @@ def get_client(
         memory_limit=memory_limit or "auto",
         dashboard_address=dashboard_address,
         processes=True,
+        local_directory=local_directory,
     )
     log.info("started LocalCluster: %d worker(s) × %d thread(s); dashboard %s",
              n_workers, threads_per_worker, cluster.dashboard_link)
@@ -98,7 +104,8 @@ def _client_of(cluster: LocalCluster) -> Client:
         raise
 
 
-def _local_cuda_cluster(gpus: int, memory_limit: str | None, dashboard_address: str | None) -> LocalCluster:
+def _local_cuda_cluster(gpus: int, memory_limit: str | None, dashboard_address: str | None,
+                        local_directory: str | os.PathLike[str] | None = None) -> LocalCluster:
     """A dask-cuda cluster, one single-threaded worker per GPU, advertising the GPU resource."""
     try:
         from dask_cuda import LocalCUDACluster
@@ -114,6 +121,7 @@ def _local_cuda_cluster(gpus: int, memory_limit: str | None, dashboard_address: 
         memory_limit=memory_limit or "auto",
         dashboard_address=dashboard_address,
         resources={GPU_RESOURCE: 1},
+        local_directory=local_directory,
     )
     log.info("started LocalCUDACluster with %d GPU worker(s); dashboard %s", gpus, cluster.dashboard_link)
     return cluster
@@ -143,7 +151,8 @@ def connect(
     remote scheduler and workers keep running. Without one it follows ``kind``: ``threads``
     yields None (dask's threaded scheduler in this process: fine for one machine and small
     areas), ``auto``/``local``/``cuda`` start a cluster with :func:`get_client` and close it on
-    exit (also on errors, and on signals turned into exceptions).
+    exit (also on errors, and on signals turned into exceptions), then remove its scratch
+    folder (a fresh temporary folder for its scheduler and workers).
 
     Args:
         scheduler: scheduler address, e.g. ``tcp://scheduler:8786``.
@@ -159,9 +168,15 @@ def connect(
         yield None
         return
     with contextlib.ExitStack() as stack:
-        client = get_client(address=address, kind="address" if address else kind, n_workers=n_workers,
-                            threads_per_worker=threads_per_worker, memory_limit=memory_limit,
-                            dashboard_address=dashboard_address, connect_timeout=connect_timeout)
+        scratch = None
+        if not address:  # the scheduler's and workers' scratch folder, removed once they are gone
+            scratch = tempfile.mkdtemp(prefix="clc-dask-cluster-")
+            stack.callback(shutil.rmtree, scratch, True)
+        with dask.config.set({"temporary-directory": scratch} if scratch else {}):
+            client = get_client(address=address, kind="address" if address else kind, n_workers=n_workers,
+                                threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                                dashboard_address=dashboard_address, connect_timeout=connect_timeout,
+                                local_directory=scratch)
         # closed in reverse order, each even if closing the one before failed or was interrupted
         if not address:
             stack.callback(client.cluster.close)
