@@ -226,8 +226,10 @@ def sld_style(level: int = 2, layer: str = "clc", field: str = CODE_FIELD) -> st
 
 
 def _embed_style(gpkg: Path, layer: str, qml: str, sld: str) -> None:
-    """Store the style as the layer's default in ``layer_styles`` (QGIS's convention)."""
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    """Store the style as the layer's default in ``layer_styles`` (QGIS's convention), stamped
+    with GDAL's ``OGR_CURRENT_DATE`` when set (:func:`fixed_gpkg_date`: the same bytes every run)."""
+    now = pyogrio.get_gdal_config_option("OGR_CURRENT_DATE") or dt.datetime.now(dt.UTC).strftime(
+        "%Y-%m-%dT%H:%M:%S.000Z")
     with sqlite3.connect(gpkg) as db:
         db.execute(
             "CREATE TABLE IF NOT EXISTS layer_styles (id INTEGER PRIMARY KEY AUTOINCREMENT, "

@@ -9,6 +9,7 @@ import pytest
 from test_run import _checkpoint
 
 from faults.proxy import proxied_demo
+from faults.runs import TRAIN_EPOCHS, TRAIN_OPTIONS
 
 
 @pytest.fixture
@@ -46,3 +47,32 @@ def reference_run(run_root, demo_region):
     from clc_dask.config import load_run_config
 
     return R.execute_run(load_run_config(write_config(run_root, demo_region, "reference")))
+
+
+@pytest.fixture(scope="session")
+def train_index(tmp_path_factory):
+    """A small patch index (128 px synthetic scene, 32 px patches) saved to a folder."""
+    from test_patches import synthetic_scene
+
+    from clc_dask.patches import build_patch_index
+
+    root = tmp_path_factory.mktemp("train-index")
+    mosaics, labels = synthetic_scene(root, 128, ("september",), seed=1)
+    build_patch_index(mosaics, labels, patch_size=32, bands="nrg", split_block=1, seed=0).save(root / "index")
+    return root / "index"
+
+
+@pytest.fixture(scope="session")
+def whole_training(train_index, tmp_path_factory):
+    """An uninterrupted ``clc-dask train`` of :data:`TRAIN_EPOCHS` epochs: its run folder."""
+    import torch
+    from typer.testing import CliRunner
+
+    from clc_dask.cli import app
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("whole-training") / "run"
+    result = CliRunner().invoke(app, ["train", "--patches", str(train_index), *TRAIN_OPTIONS,
+                                      "--epochs", str(TRAIN_EPOCHS), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out

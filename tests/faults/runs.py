@@ -17,10 +17,20 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import psutil
+import pytest
 import rasterio
 
+from clc_dask.model import load_checkpoint
 from clc_dask.stores import is_partial
+
+#: ``clc-dask train`` options of the suite's small trainings (ResNet18, random start, CPU).
+TRAIN_OPTIONS = ["--encoder", "resnet18", "--encoder-weights", "none", "--batch-size", "4", "--device", "cpu",
+                 "--seed", "2", "--no-progress"]
+#: Epochs of the suite's trainings.
+TRAIN_EPOCHS = 3
+
 
 #: Starts the clc-dask CLI; with ``--kill-at SPEC`` first, the process SIGKILLs itself at a
 #: rename matching SPEC (see tests/faults/killpoint.py).
@@ -136,3 +146,13 @@ def manifest_tiles(store: Path) -> list[str]:
     except Exception:  # being replaced at this moment
         return []
     return sorted(manifest.tiles) if manifest is not None else []
+
+
+def assert_same_training(a, b) -> None:
+    """Two run folders end with the same weights and the same history (within 1e-6)."""
+    ca, cb = load_checkpoint(a / "checkpoint.pt"), load_checkpoint(b / "checkpoint.pt")
+    assert ca.epoch == cb.epoch
+    for key, value in cb.state_dict.items():
+        np.testing.assert_allclose(ca.state_dict[key].float().numpy(), value.float().numpy(), atol=1e-6,
+                                   err_msg=key)
+    assert [h["train_loss"] for h in ca.history] == pytest.approx([h["train_loss"] for h in cb.history], abs=1e-6)

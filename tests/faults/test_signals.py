@@ -14,10 +14,8 @@ import re
 import shutil
 import signal
 
-import numpy as np
 import psutil
 import pytest
-import torch
 from test_run import assert_same_outputs, write_config
 from typer.testing import CliRunner
 
@@ -28,7 +26,10 @@ from clc_dask.errors import OutputError
 from clc_dask.model import load_checkpoint
 from clc_dask.run.store import lock_holder
 from faults.runs import (
+    TRAIN_EPOCHS,
+    TRAIN_OPTIONS,
     assert_nothing_left,
+    assert_same_training,
     descendants,
     listening_ports,
     manifest_tiles,
@@ -93,40 +94,19 @@ def test_sigterm_on_run_stops_its_cluster_then_resume_is_identical(run_root, dem
     assert_same_outputs(store, reference_run.store)
 
 
-def test_sigterm_on_train_leaves_a_checkpoint_that_resumes_to_the_same_weights(train_index, tmp_path):
-    base = ["train", "--patches", str(train_index), "--encoder", "resnet18", "--encoder-weights", "none",
-            "--batch-size", "4", "--device", "cpu", "--seed", "2", "--no-progress"]
+def test_sigterm_on_train_leaves_a_checkpoint_that_resumes_to_the_same_weights(train_index, whole_training,
+                                                                                  tmp_path):
+    base = ["train", "--patches", str(train_index), *TRAIN_OPTIONS, "--epochs", str(TRAIN_EPOCHS)]
     out, log, tmpdir = tmp_path / "stopped", tmp_path / "train.log", tmp_path / "tmp"
-    proc = start([*base, "--epochs", "4", "--out", str(out)], log, tmpdir=tmpdir)
+    proc = start([*base, "--out", str(out)], log, tmpdir=tmpdir)
     wait_for(lambda: (out / "checkpoint.pt").exists(), proc, log, what="the first checkpoint")
     children = descendants(proc.pid)
     assert stop(proc, signal.SIGTERM) == 143, tail(log)
+    assert "Stopped by SIGTERM" in tail(log)
     assert_nothing_left(children, [], tmpdir)
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary file left"
-    epoch = load_checkpoint(out / "checkpoint.pt").epoch
-    assert 1 <= epoch < 4
+    assert 1 <= load_checkpoint(out / "checkpoint.pt").epoch < TRAIN_EPOCHS
 
-    resumed = CliRunner().invoke(app, [*base, "--epochs", "4", "--out", str(out), "--resume"])
+    resumed = CliRunner().invoke(app, [*base, "--out", str(out), "--resume"])
     assert resumed.exit_code == 0, resumed.output
-    whole = CliRunner().invoke(app, [*base, "--epochs", "4", "--out", str(tmp_path / "whole")])
-    assert whole.exit_code == 0, whole.output
-    a = load_checkpoint(out / "checkpoint.pt")
-    b = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")
-    assert a.epoch == b.epoch == 4
-    for key, value in b.state_dict.items():
-        np.testing.assert_allclose(a.state_dict[key].float().numpy(), value.float().numpy(), atol=1e-6, err_msg=key)
-    assert [h["train_loss"] for h in a.history] == pytest.approx([h["train_loss"] for h in b.history], abs=1e-6)
-
-
-@pytest.fixture(scope="module")
-def train_index(tmp_path_factory):
-    """A small patch index (128 px synthetic scene, 32 px patches) saved to a folder."""
-    from test_patches import synthetic_scene
-
-    from clc_dask.patches import build_patch_index
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("train-index")
-    mosaics, labels = synthetic_scene(root, 128, ("september",), seed=1)
-    build_patch_index(mosaics, labels, patch_size=32, bands="nrg", split_block=1, seed=0).save(root / "index")
-    return root / "index"
+    assert_same_training(out, whole_training)
