@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import Any, Literal
 
+import dask
 from distributed import Client, LocalCluster
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -60,6 +63,7 @@ def get_client(
     memory_limit: str | None = None,
     dashboard_address: str | None = ":0",
     connect_timeout: str = "30s",
+    local_directory: str | os.PathLike[str] | None = None,
 ) -> Client:
     """Connect to a scheduler or start a local (CUDA) cluster, and return its client.
 
@@ -71,9 +75,10 @@ def get_client(
         memory_limit: per local worker, e.g. ``"4GiB"``.
         dashboard_address: where the dashboard listens (``":0"`` = a free port; None = off).
         connect_timeout: how long to wait for a remote scheduler.
+        local_directory: scratch folder of local workers (default: dask's, in the temp folder).
     """
     client = _start_or_connect(address, kind, n_workers, threads_per_worker, memory_limit,
-                               dashboard_address, connect_timeout)
+                               dashboard_address, connect_timeout, local_directory)
     client.register_plugin(LogRedactionPlugin())
     return client
 
@@ -86,6 +91,7 @@ def _start_or_connect(
     memory_limit: str | None,
     dashboard_address: str | None,
     connect_timeout: str,
+    local_directory: str | os.PathLike[str] | None,
 ) -> Client:
     address = address or os.environ.get("DASK_SCHEDULER_ADDRESS")
     if kind == "address" and not address:
@@ -101,7 +107,7 @@ def _start_or_connect(
             ) from exc
     gpus = gpu_count()
     if kind == "cuda" or (kind == "auto" and gpus > 0):
-        return Client(_local_cuda_cluster(gpus, memory_limit, dashboard_address))
+        return _client_of(_local_cuda_cluster(gpus, memory_limit, dashboard_address, local_directory))
     cores = os.cpu_count() or 1
     if n_workers is None:
         n_workers = max(1, cores // 2) if threads_per_worker is None else max(1, cores // threads_per_worker)
@@ -113,13 +119,25 @@ def _start_or_connect(
         memory_limit=memory_limit or "auto",
         dashboard_address=dashboard_address,
         processes=True,
+        local_directory=local_directory,
     )
     log.info("started LocalCluster: %d worker(s) × %d thread(s); dashboard %s",
              n_workers, threads_per_worker, cluster.dashboard_link)
-    return Client(cluster)
+    return _client_of(cluster)
 
 
-def _local_cuda_cluster(gpus: int, memory_limit: str | None, dashboard_address: str | None) -> LocalCluster:
+def _client_of(cluster: LocalCluster) -> Client:
+    """A client of a cluster just started; the cluster is closed if the client cannot be made
+    (an error, or a stop signal arriving in between)."""
+    try:
+        return Client(cluster)
+    except BaseException:
+        cluster.close()
+        raise
+
+
+def _local_cuda_cluster(gpus: int, memory_limit: str | None, dashboard_address: str | None,
+                        local_directory: str | os.PathLike[str] | None = None) -> LocalCluster:
     """A dask-cuda cluster, one single-threaded worker per GPU, advertising the GPU resource."""
     try:
         from dask_cuda import LocalCUDACluster
@@ -135,6 +153,7 @@ def _local_cuda_cluster(gpus: int, memory_limit: str | None, dashboard_address: 
         memory_limit=memory_limit or "auto",
         dashboard_address=dashboard_address,
         resources={GPU_RESOURCE: 1},
+        local_directory=local_directory,
     )
     log.info("started LocalCUDACluster with %d GPU worker(s); dashboard %s", gpus, cluster.dashboard_link)
     return cluster
@@ -164,7 +183,8 @@ def connect(
     remote scheduler and workers keep running. Without one it follows ``kind``: ``threads``
     yields None (dask's threaded scheduler in this process: fine for one machine and small
     areas), ``auto``/``local``/``cuda`` start a cluster with :func:`get_client` and close it on
-    exit (also on errors, and on signals turned into exceptions).
+    exit (also on errors, and on signals turned into exceptions), then remove its scratch
+    folder (a fresh temporary folder for its scheduler and workers).
 
     Args:
         scheduler: scheduler address, e.g. ``tcp://scheduler:8786``.
@@ -179,27 +199,37 @@ def connect(
     if not address and kind == "threads":
         yield None
         return
-    client = get_client(address=address, kind="address" if address else kind, n_workers=n_workers,
-                        threads_per_worker=threads_per_worker, memory_limit=memory_limit,
-                        dashboard_address=dashboard_address, connect_timeout=connect_timeout)
-    started = None if address else client.cluster
-    try:
+    with contextlib.ExitStack() as stack:
+        scratch = None
+        if not address:  # the scheduler's and workers' scratch folder, removed once they are gone
+            scratch = tempfile.mkdtemp(prefix="clc-dask-cluster-")
+            stack.callback(shutil.rmtree, scratch, True)
+        with dask.config.set({"temporary-directory": scratch} if scratch else {}):
+            client = get_client(address=address, kind="address" if address else kind, n_workers=n_workers,
+                                threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                                dashboard_address=dashboard_address, connect_timeout=connect_timeout,
+                                local_directory=scratch)
+        stack.callback(close_quietly, client, None if address else client.cluster)
         yield client
-    finally:
-        close_quietly(client, started)
 
 
 def close_quietly(client: Client, cluster: Any = None) -> None:
-    """Close a client and the cluster it started. A slow shutdown (workers that take long to
-    stop on a loaded machine) is logged, not raised: the work is done by then."""
-    for closing in (client, cluster):
-        if closing is None:
-            continue
-        try:
-            closing.close()
-        except (TimeoutError, OSError, RuntimeError) as exc:
-            log.warning("closing %s took too long or failed (%s: %s); its processes are being stopped",
-                        type(closing).__name__, type(exc).__name__, exc)
+    """Close a client, then the cluster it started (also if closing the client failed or was
+    interrupted). A slow shutdown (workers that take long to stop on a loaded machine) is
+    logged, not raised: the work is done by then."""
+    try:
+        _close_logged(client)
+    finally:
+        if cluster is not None:
+            _close_logged(cluster)
+
+
+def _close_logged(closing: Any) -> None:
+    try:
+        closing.close()
+    except (TimeoutError, OSError, RuntimeError) as exc:
+        log.warning("closing %s took too long or failed (%s: %s); its processes are being stopped",
+                    type(closing).__name__, type(exc).__name__, exc)
 
 
 def connect_for_run(settings: ClusterConfig, scheduler: str | None = None) -> contextlib.AbstractContextManager[Client | None]:

@@ -59,7 +59,14 @@ from clc_dask.cluster import GPU_RESOURCE, has_gpu_workers
 from clc_dask.errors import CheckpointError, ConfigError, InputError, OutputError
 from clc_dask.grid import DEFAULT_TILE_SIZE, TileGrid
 from clc_dask.model import Normalization, load_checkpoint
-from clc_dask.rasters import check_writable, geobox_of, open_raster, to_dataarray, write_geotiff
+from clc_dask.rasters import (
+    check_writable,
+    geobox_of,
+    open_raster,
+    reading,
+    to_dataarray,
+    write_geotiff,
+)
 from clc_dask.stores import file_sha256, write_zarr
 
 log = logging.getLogger(__name__)
@@ -661,7 +668,8 @@ def predict_to_file(
         _check_store_writable(Path(probabilities_path), overwrite)
     mosaic = open_raster(mosaic_path, chunks=opts.get("chunk_size") or DEFAULT_CHUNK_SIZE)
     result = predict(mosaic, checkpoint_path, client=client, probabilities=probabilities_path is not None, **opts)
-    return _write(result, out_path, probabilities_path, overwrite)
+    with reading(mosaic_path, "mosaic"):  # the mosaic is read while the map is written
+        return _write(result, out_path, probabilities_path, overwrite)
 
 
 def predict_tiles_to_files(
@@ -691,7 +699,8 @@ def predict_tiles_to_files(
     for tile in names:
         result = predict(mosaic, checkpoint_path, client=client, tiles=[tile], tile_size=tile_size,
                          probabilities=bool(probs), **opts)
-        written[tile] = _write(result, outs[tile], probs.get(tile), overwrite)
+        with reading(mosaic_path, "mosaic"):
+            written[tile] = _write(result, outs[tile], probs.get(tile), overwrite)
     return written
 
 

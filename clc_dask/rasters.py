@@ -6,9 +6,10 @@ when complete, so a killed job never leaves a file that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import dask
@@ -22,7 +23,7 @@ from odc.geo.geobox import GeoBox
 from odc.geo.xr import xr_coords
 from rasterio.windows import Window
 
-from clc_dask.errors import InputError, OutputError
+from clc_dask.errors import ClcDaskError, InputError, OutputError
 from clc_dask.stores import atomic_path
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,25 @@ def open_raster(path: str | os.PathLike[str], chunks: int | Mapping[str, int] | 
     return arr
 
 
+@contextlib.contextmanager
+def reading(path: str | os.PathLike[str], what: str = "raster") -> Iterator[None]:
+    """Turn a failure to read ``path`` (e.g. a file cut short: GDAL's "IReadBlock failed")
+    raised in the block — also from dask tasks computed there — into :class:`InputError`
+    naming the file. Other errors pass unchanged."""
+    try:
+        yield
+    except ClcDaskError:
+        raise
+    except Exception as exc:
+        text = str(exc)
+        if str(path) not in text and Path(path).name not in text:
+            raise
+        raise InputError(
+            f"Cannot read the {what} {path}: {text.strip()}. The file is damaged or cut short (e.g. a "
+            "copy that did not finish): write it again, or check the disk it is on."
+        ) from exc
+
+
 def write_geotiff(
     array: xr.DataArray,
     path: str | os.PathLike[str],
@@ -113,23 +133,22 @@ def write_geotiff(
         "compress": "DEFLATE", "BIGTIFF": "IF_SAFER",
     }
     with atomic_path(path, suffix=".tif") as tmp:
+        # a sidecar of the temporary file: atomic_path removes it whatever happens (after a
+        # failed write, once it has seen whether a file-size limit was reached)
         plain = tmp.with_name(tmp.name + ".plain.tif") if cog else tmp
-        try:
-            with rasterio.open(plain, "w", **profile) as dst:
-                _write_blocks(dst, data)
-                if band_names:
-                    for i, name in enumerate(band_names, start=1):
-                        dst.set_band_description(i, str(name))
-                if colormap is not None and data.shape[0] == 1:
-                    dst.write_colormap(1, dict(colormap))
-                if tags:
-                    dst.update_tags(**{k: str(v) for k, v in tags.items()})
-            if cog:
-                rasterio.shutil.copy(plain, tmp, driver="COG", **COG_OPTIONS,
-                                     RESAMPLING="NEAREST" if colormap is not None else "AVERAGE")
-        finally:
-            if cog and plain.exists():
-                plain.unlink()
+        with rasterio.open(plain, "w", **profile) as dst:
+            _write_blocks(dst, data)
+            if band_names:
+                for i, name in enumerate(band_names, start=1):
+                    dst.set_band_description(i, str(name))
+            if colormap is not None and data.shape[0] == 1:
+                dst.write_colormap(1, dict(colormap))
+            if tags:
+                dst.update_tags(**{k: str(v) for k, v in tags.items()})
+        if cog:
+            rasterio.shutil.copy(plain, tmp, driver="COG", **COG_OPTIONS,
+                                 RESAMPLING="NEAREST" if colormap is not None else "AVERAGE")
+            plain.unlink()
     log.info("wrote %s (%d×%d px, %d band(s))", path, gbox.shape.y, gbox.shape.x, data.shape[0])
     return path
 

@@ -7,6 +7,10 @@ the rename, so the new name survives a power cut. A killed process leaves only t
 names behind, which :func:`remove_leftovers` recognises and deletes (a run does this when it
 takes its store's lock).
 
+A write that fails because the disk is full or a file-size limit (``ulimit -f``) was reached
+raises :class:`~clc_dask.errors.OutputError` naming the file and saying to free space,
+whatever the writer (GDAL, torch, Zarr) made of the failure.
+
 Zarr stores are all written in one format, :data:`ZARR_FORMAT` (Zarr v3), with Zarr chunks
 equal to dask chunks.
 """
@@ -14,10 +18,12 @@ equal to dask chunks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
 import os
+import resource
 import shutil
 import uuid
 import warnings
@@ -25,12 +31,60 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from clc_dask.errors import ClcDaskError, OutputError
+
 log = logging.getLogger(__name__)
 
 #: Marks every temporary name clc-dask creates (files and directories).
 PARTIAL_MARK = ".clc-partial-"
 #: The one Zarr format of every store clc-dask writes.
 ZARR_FORMAT = 3
+#: Error numbers that mean "no room to write": disk full, file too large, quota exceeded.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+#: Free bytes under which a failed write is put down to a full disk (writers such as GDAL and
+#: torch report a failed write without its error number).
+NEARLY_FULL_BYTES = 16 << 20
+
+
+def no_space_reason(written: Path | list[Path], error: BaseException) -> str | None:
+    """Why a write failed for lack of room, or None if that was not the cause.
+
+    Looks at the error's chain (an ``OSError`` with ``ENOSPC``/``EFBIG``/``EDQUOT``), then at
+    the facts: the file-size limit (``RLIMIT_FSIZE``) reached by one of the files being
+    written (``written``), or the disk holding them nearly full.
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE_ERRNOS:
+            return os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    files = [written] if isinstance(written, Path) else list(written)
+    sizes = [_size(f) for f in files]
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and sizes and max(sizes) >= limit:
+        return f"the file-size limit of this process (ulimit -f) of {limit} bytes was reached"
+    folder = files[0].parent if files else None
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(folder).free if folder is not None else None
+        if free is not None and free < NEARLY_FULL_BYTES:
+            return f"the disk is full ({free} bytes free)"
+    return None
+
+
+def _size(path: Path) -> int:
+    try:
+        if path.is_dir():
+            return max((_size(p) for p in path.rglob("*") if p.is_file()), default=0)
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _no_space_error(target: Path, reason: str) -> OutputError:
+    return OutputError(
+        f"Cannot write {target}: {reason}. Free space on its disk (or raise the limit), then run the "
+        "command again; nothing was left in its place (a run continues with `resume`)."
+    )
 
 
 def temporary_name(target: Path, suffix: str = "") -> Path:
@@ -80,6 +134,24 @@ def _fsync_tree(root: Path) -> None:
 
 
 @contextlib.contextmanager
+def _space_errors(target: Path, written: Any) -> Iterator[None]:
+    """Turn a failed write into :class:`OutputError` when it failed for lack of room.
+
+    ``written()`` lists the temporary files being written. clc-dask's own errors (e.g. a
+    failed read while computing the data) pass unchanged, and so do other failures.
+    """
+    try:
+        yield
+    except ClcDaskError:
+        raise
+    except Exception as exc:
+        reason = no_space_reason(written(), exc)
+        if reason is None:
+            raise
+        raise _no_space_error(target, reason) from exc
+
+
+@contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
     """Yield a temporary file path beside ``target``; on success it is fsynced and renamed
     onto ``target`` (permissions as a new file's), and the folder fsynced. On failure the
@@ -95,8 +167,9 @@ def atomic_path(target: str | os.PathLike[str], suffix: str = "") -> Iterator[Pa
     tmp = temporary_name(target, suffix or ".part")
     tmp.touch()
     try:
-        yield tmp
-        _fsync_file(tmp)
+        with _space_errors(target, lambda: [tmp, *tmp.parent.glob(tmp.name + ".*")]):
+            yield tmp
+            _fsync_file(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -122,8 +195,9 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp.mkdir()
     old: Path | None = None
     try:
-        yield tmp
-        _fsync_tree(tmp)
+        with _space_errors(target, lambda: [tmp]):
+            yield tmp
+            _fsync_tree(tmp)
         if target.exists() or target.is_symlink():
             old = temporary_name(target, ".old")
             os.replace(target, old)

@@ -109,11 +109,12 @@ def reference(root, region):
 
 
 def store_files(store: Path) -> dict[str, bytes]:
-    """Every output file of a store (the manifest and run.yaml excepted), by relative path."""
+    """Every output file of a store (the manifest, run.yaml and the lock, which names its last
+    holder, excepted), by relative path."""
     out = {}
     for path in sorted(store.rglob("*")):
         rel = path.relative_to(store).as_posix()
-        if path.is_file() and rel not in ("manifest.json", "manifest.journal", "run.yaml") \
+        if path.is_file() and rel not in ("manifest.json", "manifest.journal", "run.yaml", ".lock") \
                 and not rel.startswith("performance"):
             out[rel] = path.read_bytes()
     return out

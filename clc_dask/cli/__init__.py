@@ -5,6 +5,8 @@ Only the CLI configures logging and prints; library modules log. Any
 unknown commands or options exit with 2 (click's usage error). No secret is printed: every
 log record (of clc-dask and of the libraries, warnings included), error line and traceback
 passes through :mod:`clc_dask.redact` (signed URLs lose their query strings).
+SIGTERM, SIGINT and SIGHUP stop a command cleanly (:mod:`clc_dask.cli.signals`): what it
+started is stopped, its temporary files are removed, and it exits with 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import typer
 import typer.models
 import typer.utils
 
+from clc_dask.cli.signals import Stopped, signal_name, stop_on_signals
 from clc_dask.errors import ClcDaskError
 from clc_dask.redact import install_log_redaction, redact_text
 
@@ -104,7 +107,18 @@ for _info in app.registered_commands:
 
 
 def main() -> None:
-    """Entry point: run the app, turning clc-dask errors into one clear line and exit 1."""
+    """Entry point: run the app, turning clc-dask errors into one clear line and exit 1, and
+    stop signals into a clean stop with exit code 128 + signal number."""
+    with stop_on_signals():
+        try:
+            _run_app()
+        except Stopped as stop:
+            typer.echo(f"Stopped by {signal_name(stop.signum)}: what this command started was stopped "
+                       "and its temporary files removed.", err=True)
+            sys.exit(stop.exit_code)
+
+
+def _run_app() -> None:
     try:
         app(standalone_mode=False)
     except ClcDaskError as exc:

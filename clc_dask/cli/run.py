@@ -57,6 +57,7 @@ def register(app: typer.Typer) -> None:
         from clc_dask.config import load_run_config
         from clc_dask.run import dry_run as plan_dry_run
         from clc_dask.run import execute, plan_run, publish_run, resolve_run
+        from clc_dask.run.store import remove_leftovers_unless_locked
 
         cfg = load_run_config(config)
         names = parse_tile_names(tiles)
@@ -78,15 +79,22 @@ def register(app: typer.Typer) -> None:
         if report and importlib.util.find_spec("bokeh") is None:
             raise ConfigError("A Dask performance report needs bokeh: pip install 'bokeh>=3.1,<3.10', "
                               "or run without --performance-report / output.performance_report.")
-        with connect_for_run(cfg.cluster, scheduler) as client, _progress(len(plan.tiles) + len(plan.skipped), no_progress) as bar:
-            if client is not None:
-                link = client.dashboard_link
-                log.info("Dask dashboard: %s", link)
-                typer.echo(f"Dask dashboard: {link}", err=True)
-            elif report:
-                log.warning("cluster.kind 'threads' has no Dask dashboard and no performance report")
-            with _performance_report(client, ctx.store / PERFORMANCE_REPORT if report else None):
-                result = execute(ctx, plan, client=client, progress=lambda name: bar.update(1))
+        try:
+            with connect_for_run(cfg.cluster, scheduler) as client, \
+                    _progress(len(plan.tiles) + len(plan.skipped), no_progress) as bar:
+                if client is not None:
+                    link = client.dashboard_link
+                    log.info("Dask dashboard: %s", link)
+                    typer.echo(f"Dask dashboard: {link}", err=True)
+                elif report:
+                    log.warning("cluster.kind 'threads' has no Dask dashboard and no performance report")
+                with _performance_report(client, ctx.store / PERFORMANCE_REPORT if report else None):
+                    result = execute(ctx, plan, client=client, progress=lambda name: bar.update(1))
+        except BaseException:
+            # stopped or failed: the workers are gone now; a write they were cut off in left
+            # only a temporary name, removed here (or by the next run)
+            remove_leftovers_unless_locked(ctx.store)
+            raise
         typer.echo(json.dumps({"store": str(result.store), "computed": result.computed,
                                "skipped": result.skipped, "collection": str(result.collection)}))
 

@@ -8,7 +8,9 @@
 - ``rustac serve`` (a real STAC API, in-memory backend) loaded with the region's collection
   and items, whose asset hrefs are rewritten to absolute URLs on the file server.
 
-Both stop when the ``with`` block ends, also on errors. rustac's memory backend conforms
+Both stop when the ``with`` block ends, also on errors and on stop signals turned into
+exceptions (``clc-dask`` does that for SIGTERM, SIGINT and SIGHUP), and the served copies
+of the catalog (a temporary folder) are removed. rustac's memory backend conforms
 to STAC API core, collections, features and item-search, but not to the ``query`` or
 ``filter`` extensions: clients must filter ``eo:cloud_cover`` themselves.
 """
@@ -433,8 +435,10 @@ def _start_rustac(host: str, port: int, coll_path: Path, items_path: Path, folde
         try:
             _wait_for_api(proc, url, timeout, n_items, collection_id)
             return proc, use_port
-        except ServerError as exc:
+        except BaseException as exc:  # an error, or a stop signal while waiting: never orphan it
             _stop_process(proc)
+            if not isinstance(exc, ServerError):
+                raise
             stderr = _stderr_tail(err_path)
             if "in use" in stderr.lower():
                 if attempt + 1 < attempts:

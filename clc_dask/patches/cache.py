@@ -117,6 +117,27 @@ def open_cache(store: Path) -> tuple[Any, Any, Any]:
         raise InputError(f"Cannot open patch cache {store}: {exc}. Rerun cache_patches.") from exc
 
 
+def _unreadable(x_arr: Any, y_arr: Any, row: int) -> bool:
+    """True if the patch in ``row`` of the cache cannot be read."""
+    try:
+        x_arr[row], y_arr[row]
+    except Exception:
+        return True
+    return False
+
+
+def _damaged_cache_error(store: Path, x_arr: Any, y_arr: Any, row: int, error: Exception) -> InputError:
+    """An InputError naming the chunk files of a patch that cannot be read."""
+    files = [store / name / arr.metadata.encode_chunk_key((row, *[0] * (arr.ndim - 1)))
+             for name, arr in (("x", x_arr), ("y", y_arr))]
+    return InputError(
+        f"The patch cache {store} is damaged: patch {row} (chunk file {files[0]} or {files[1]}) cannot be "
+        f"read ({type(error).__name__}: {error}). Write it again (`cache_patches` with `overwrite`, or "
+        "clc-dask patches --cache-zarr --overwrite), or delete it: training with data 'zarr' rebuilds a "
+        "missing cache."
+    )
+
+
 class ZarrPatchDataset(Dataset):
     """Patches read from a store written by :func:`cache_patches` (map-style; loader workers allowed).
 
@@ -178,7 +199,11 @@ class ZarrPatchDataset(Dataset):
             _, x_arr, y_arr = open_cache(self.store)
             if self.preload:  # the split's samples in order: sample i is row i of these arrays
                 rows = (np.asarray(self._rows, dtype=np.int64),)
-                self._arrays = (x_arr.get_orthogonal_selection(rows), y_arr.get_orthogonal_selection(rows))
+                try:
+                    self._arrays = (x_arr.get_orthogonal_selection(rows), y_arr.get_orthogonal_selection(rows))
+                except Exception as exc:
+                    damaged = next((r for r in self._rows if _unreadable(x_arr, y_arr, r)), self._rows[0])
+                    raise _damaged_cache_error(self.store, x_arr, y_arr, damaged, exc) from exc
                 log.info("read %d %s patches of %s into memory", len(self._rows), self.split, self.store)
             else:
                 self._arrays = (x_arr, y_arr)
@@ -187,7 +212,11 @@ class ZarrPatchDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x_arr, y_arr = self._open()
         row = i if self.preload else self._rows[i]
-        return to_tensors(x_arr[row], y_arr[row], self.normalization, self.classes)
+        try:
+            x, y = x_arr[row], y_arr[row]
+        except Exception as exc:
+            raise _damaged_cache_error(self.store, x_arr, y_arr, row, exc) from exc
+        return to_tensors(x, y, self.normalization, self.classes)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -17,10 +17,15 @@ Store layout::
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
+import json
 import logging
+import os
+import socket
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import IO, Any
 
 import dask.array as da
 import numpy as np
@@ -30,7 +35,7 @@ from odc.geo.xr import xr_coords
 
 from clc_dask.errors import ConfigError, OutputError
 from clc_dask.grid import Tile, TileGrid
-from clc_dask.stores import ZARR_FORMAT, atomic_path, write_zarr
+from clc_dask.stores import ZARR_FORMAT, atomic_path, remove_leftovers, write_zarr
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +63,73 @@ RUN_OUTPUTS = (TILES_DIR, STAC_DIR, ZARR_STORE, STYLES_DIR, ITEMS_FILE, CONFIG_F
 
 @contextlib.contextmanager
 def store_lock(store: Path) -> Iterator[None]:
-    """Hold ``store/.lock`` (an advisory file lock, released by the OS even on SIGKILL)."""
+    """Hold ``store/.lock`` (an advisory file lock, released by the OS even on SIGKILL).
+
+    The holder writes who it is into the lock file (``pid``, ``host``, ``started``), so that a
+    second run on the same store is refused with a message naming the first.
+
+    Raises:
+        OutputError: another process holds the lock.
+    """
     store.mkdir(parents=True, exist_ok=True)
     with open(store / LOCK_FILE, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise OutputError(
-                f"Another process is running a run in {store}: wait for it to finish (or stop it), "
-                "then resume."
+                f"Another run holds the store {store} ({_holder(fh)}): wait for it to finish (or stop "
+                "it), then run again with `resume`. Two runs must not write one store."
             ) from None
         try:
+            _write_holder(fh)
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _write_holder(fh: IO[str]) -> None:
+    """Write this process's pid, host and start time into the held lock file."""
+    fh.seek(0)
+    fh.truncate()
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}) + "\n")
+    fh.flush()
+
+
+def lock_holder(store: Path) -> dict[str, Any] | None:
+    """Who last held ``store/.lock`` (``pid``, ``host``, ``started``), or None if unknown."""
+    try:
+        return json.loads((Path(store) / LOCK_FILE).read_text(encoding="utf-8") or "null")
+    except (OSError, ValueError):
+        return None
+
+
+def _holder(fh: IO[str]) -> str:
+    """The holder of a lock file as words, e.g. ``pid 123 on host node-1, since …``."""
+    fh.seek(0)
+    try:
+        holder = json.loads(fh.read() or "null")
+    except ValueError:
+        holder = None
+    if not isinstance(holder, dict) or "pid" not in holder:
+        return "a process that has not yet written its pid"
+    return f"pid {holder['pid']} on host {holder.get('host', '?')}, since {holder.get('started', '?')}"
+
+
+def remove_leftovers_unless_locked(store: Path) -> list[Path]:
+    """Remove the temporary files in ``store`` (see :func:`clc_dask.stores.remove_leftovers`),
+    unless another process holds its lock (then it may be writing them: nothing is removed).
+
+    For a command that stopped after its workers were closed, which may have been cut off
+    while writing.
+    """
+    if not (Path(store) / LOCK_FILE).exists():
+        return []
+    try:
+        with store_lock(Path(store)):
+            return remove_leftovers(store)
+    except OutputError:
+        return []
 
 
 def tile_dir(store: Path, tile: Tile) -> Path:

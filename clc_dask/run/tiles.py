@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from odc.geo.geom import Geometry
 from odc.geo.xr import rasterize
 
 from clc_dask.classes import colormap
-from clc_dask.errors import OutputError
+from clc_dask.errors import ClcDaskError, OutputError
 from clc_dask.grid import Tile
 from clc_dask.load import load_scenes
 from clc_dask.mosaic import seasonal_mosaic
@@ -270,13 +271,29 @@ def flow(client: Any, tiles: Sequence[Tile], submit: Callable[[Tile], Any],
     tile_of: dict[str, tuple[Tile, Any]] = {}
     running = as_completed([], loop=client.loop)
     try:
-        yield from _drain(queue, tile_of, running, submit, in_flight)
+        yield from _drain(client, queue, tile_of, running, submit, in_flight)
     finally:  # stopped early (an error, a signal): nothing keeps computing for nobody
-        client.cancel([future for _, future in tile_of.values()])
+        if client.status == "running":
+            client.cancel([future for _, future in tile_of.values()])
 
 
-def _drain(queue: list[Tile], tile_of: dict[str, tuple[Tile, Any]], running: Any, submit: Callable[[Tile], Any],
-           in_flight: int) -> Iterator[TileOutput | TileFailure]:
+def scheduler_lost(client: Any, error: BaseException) -> bool:
+    """True if ``error`` (raised by a future's result) means the client lost its scheduler."""
+    return (isinstance(error, CancelledError) and client.status != "running") or \
+        getattr(error, "reason", None) == "scheduler-connection-lost"
+
+
+def _scheduler_lost_error(client: Any, error: BaseException) -> ClcDaskError:
+    address = getattr(getattr(client, "scheduler", None), "address", None) or "(unknown address)"
+    return ClcDaskError(
+        f"Lost the connection to the Dask scheduler {address} ({type(error).__name__}; the scheduler "
+        "stopped or the network failed): the run stopped. Every tile finished so far is recorded: start the "
+        "scheduler and its workers again (or use another one), then run again with `resume`."
+    )
+
+
+def _drain(client: Any, queue: list[Tile], tile_of: dict[str, tuple[Tile, Any]], running: Any,
+           submit: Callable[[Tile], Any], in_flight: int) -> Iterator[TileOutput | TileFailure]:
     while queue or running.count():
         while queue and running.count() < in_flight:
             tile = queue.pop(0)
@@ -295,11 +312,14 @@ def _drain(queue: list[Tile], tile_of: dict[str, tuple[Tile, Any]], running: Any
         future = next(running)
         tile, _ = tile_of.pop(future.key)
         try:
-            yield future.result()
+            result = future.result()
         except Exception as exc:
-            yield TileFailure(tile, exc)
+            if scheduler_lost(client, exc):  # every other tile would fail the same way: stop now
+                raise _scheduler_lost_error(client, exc) from exc
+            result = TileFailure(tile, exc)
         finally:
             future.release()
+        yield result
 
 
 def _densify_step(aoi: Geometry) -> float | None:
