@@ -464,9 +464,16 @@ def demo_inputs(demo_region, tmp_path_factory):
 def cluster_client():
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = Client(cluster)
+    try:
         yield client
+    finally:
+        client.close(timeout=120)
+        try:
+            cluster.close(timeout=120)
+        except TimeoutError:  # a worker that imported torch can take > 4 s to exit on a loaded
+            pass  # machine; the nanny has killed it by then
 
 
 def grid_config(root: Path, mosaics, labels) -> Path:
