@@ -605,6 +605,15 @@ def test_grid_killed_after_the_first_configuration_resumes(tmp_path, demo_inputs
     assert json.loads((out / "configurations" / "sept-rgb" / area / "report.json").read_text())["intervals"] == \
         reports["sept-rgb"]["intervals"]
 
+    # a configuration changed under the same name is refused before anything trains
+    changed = yaml.safe_load(config.read_text())
+    changed["configurations"][1]["overrides"]["lr"] = 0.01
+    config.write_text(yaml.safe_dump(changed))
+    b_checkpoint = (out / "configurations" / "sept-rgb" / "train" / "checkpoint.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"'sept-rgb' was trained in .* with other settings \(lr\).*another `name`"):
+        run_experiment(config, client=cluster_client)
+    assert (out / "configurations" / "sept-rgb" / "train" / "checkpoint.pt").read_bytes() == b_checkpoint
+
 
 def test_cli_reports_bad_experiment_files_in_one_line(tmp_path, monkeypatch, capsys):
     from clc_dask.cli import main

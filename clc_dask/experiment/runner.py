@@ -126,6 +126,8 @@ class CheckedExperiment:
     configurations: list[Configuration]
     guard_px: int
     test_seasons: tuple[str, ...]
+    #: Region → configuration → seasons it trains or is tested on there.
+    needs: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     #: Regions given as files, opened (metadata only).
     regions: dict[str, Region] = field(default_factory=dict)
 
@@ -169,7 +171,7 @@ def check_experiment(config: ExperimentConfig) -> CheckedExperiment:
     if guard < largest:
         log.warning("guard_px %d is below the largest receptive field of the configurations (%d px): test "
                     "predictions can see pixels of training patches", guard, largest)
-    return CheckedExperiment(config, configurations, guard, test_seasons, regions)
+    return CheckedExperiment(config, configurations, guard, test_seasons, needs, regions)
 
 
 # --------------------------------------------------------------------------- preparation
@@ -220,8 +222,7 @@ def prepare_experiment(checked: CheckedExperiment, layout: ExperimentLayout, cli
     for name, region_config in config.regions.items():
         if name not in regions:
             regions[name] = build_region(name, region_config, layout.region(name), level=config.level)
-            check_inputs(name, regions[name].bands, checked.configurations,
-                         {c.name: [] for c in checked.configurations})
+            check_inputs(name, regions[name].bands, checked.configurations, checked.needs[name])
     train_region = regions[config.training_region]
     counts = block_label_counts(train_region.open_labels(config.split.block_size), config.split.block_size,
                                 config.level, client)
@@ -339,6 +340,35 @@ def patch_index_for(prepared: PreparedExperiment, configuration: Configuration, 
 
 
 # --------------------------------------------------------------------------- training
+
+
+def check_resumable(prepared: PreparedExperiment, configuration: Configuration, index_dir: Path) -> None:
+    """Refuse, before any training starts, a configuration whose folder holds a training run with
+    other settings or on another patch index (only ``epochs`` and run-time settings may change).
+
+    Raises:
+        ConfigError: naming the configuration and what changed.
+    """
+    from clc_dask.model import load_checkpoint
+    from clc_dask.patches import load_patch_index
+    from clc_dask.train import CHECKPOINT_FILE, RESUMABLE_CHANGES
+
+    checkpoint = prepared.layout.train(configuration.name) / CHECKPOINT_FILE
+    if not checkpoint.is_file():
+        return
+    saved = dict(load_checkpoint(checkpoint).config)
+    index = saved.pop("patch_index", {}) or {}
+    new = configuration.train.model_dump(mode="json")
+    changed = sorted(k for k in set(saved) | set(new)
+                     if k not in RESUMABLE_CHANGES and saved.get(k) != new.get(k))
+    if index.get("fingerprint") not in (None, load_patch_index(index_dir).fingerprint()):
+        changed.append("patch index")
+    if changed:
+        raise ConfigError(
+            f"Configuration {configuration.name!r} was trained in {checkpoint.parent} with other settings "
+            f"({', '.join(changed)}): give the changed configuration another `name`, or delete its folder "
+            f"{prepared.layout.configuration(configuration.name)} to train it again."
+        )
 
 
 def train_configuration(name: str, settings: Mapping[str, Any], index_dir: str, out_dir: str) -> dict[str, Any]:
@@ -597,6 +627,8 @@ def run_experiment(
     with _folder_lock(root):
         write_record(prepared)
         indices = {c.name: patch_index_for(prepared, c, client) for c in prepared.configurations}
+        for configuration in prepared.configurations:
+            check_resumable(prepared, configuration, indices[configuration.name])
         training: dict[str, dict[str, Any]] = {}
         evaluations: dict[str, dict[str, Path]] = {}
 
