@@ -630,6 +630,17 @@ def test_cli_reports_bad_experiment_files_in_one_line(tmp_path, monkeypatch, cap
         "Error: configurations[0] (nope): Unknown preset 'nope'")
 
 
+@pytest.mark.parametrize("name", ["experiment-paper", "experiment-demo"])
+def test_deploy_experiment_files_parse(name, monkeypatch):
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://127.0.0.1:8786")
+    config = load_experiment_config(ROOT / "deploy" / "configs" / f"{name}.yaml")
+    assert resolve_configurations(config) and Path(config.output).is_absolute()
+    if name == "experiment-demo":  # the demo's working folder of the README
+        assert Path(config.regions["demo"].labels) == ROOT / "demo-run" / "labels" / "clc_level2.tif"
+        assert [c.train.bands for c in resolve_configurations(config)] == [
+            ("B08", "B04", "B03"), ("B04", "B03", "B02"), ("B08", "B04", "B03")]
+
+
 def test_deploy_config_is_the_paper_grid(monkeypatch):
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://127.0.0.1:8786")
     config = load_experiment_config(ROOT / "deploy" / "configs" / "experiment-paper.yaml")
