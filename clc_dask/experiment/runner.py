@@ -59,7 +59,7 @@ from clc_dask.experiment.regions import (
     open_region,
     planned_bands,
 )
-from clc_dask.experiment.scoring import TestArea, predict_test_area, score_test_area
+from clc_dask.experiment.scoring import TestArea, computing_with, predict_test_area, score_test_area
 from clc_dask.experiment.split import Split, block_label_counts, make_split
 from clc_dask.grid import TileGrid
 from clc_dask.stores import atomic_path
@@ -221,7 +221,8 @@ def prepare_experiment(checked: CheckedExperiment, layout: ExperimentLayout, cli
     regions = dict(checked.regions)
     for name, region_config in config.regions.items():
         if name not in regions:
-            regions[name] = build_region(name, region_config, layout.region(name), level=config.level)
+            with computing_with(client):
+                regions[name] = build_region(name, region_config, layout.region(name), level=config.level)
             check_inputs(name, regions[name].bands, checked.configurations, checked.needs[name])
     train_region = regions[config.training_region]
     counts = block_label_counts(train_region.open_labels(config.split.block_size), config.split.block_size,
