@@ -200,6 +200,10 @@ def test_strip_and_farthest_validation_blocks():
     assert (split.roles[-2:] == TEST).all() and not (split.roles[:-2] == TEST).any()  # 20 % = 2 of 10 rows
     assert set(split.blocks(VAL)) == {f"1_{c}" for c in range(1, 13)}  # the row farthest from the test strip
     assert len(split.test_blocks()) == 2 * cols
+    summary = split.summary()
+    assert sum(v["area_pixels"] for v in summary.values()) == 640 * 768
+    assert summary["guard"]["area_pixels"] == (64 + 64) * 768  # one block row below val, one above test
+    assert summary["test"]["area_pixels"] == summary["test"]["labelled_pixels"] == 2 * 64 * 768
     east = synthetic_split(size=(640, 768), block=64, guard=64, test_side="east", test_fraction=0.25)
     assert (east.roles[:, -3:] == TEST).all() and (east.roles[:, 0] == VAL).all()
 

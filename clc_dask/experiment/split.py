@@ -200,7 +200,8 @@ class Split:
     # ---- records
 
     def summary(self) -> dict[str, Any]:
-        """Blocks, labelled pixels and classes per role (JSON-ready)."""
+        """Per role: blocks, labelled pixels and classes of its blocks, and ``area_pixels`` left
+        to it outside the guard bands (``guard`` holds the bands' area). JSON-ready."""
         out: dict[str, Any] = {}
         labelled = self.labelled()
         for role in (TRAIN, VAL, TEST, UNUSED):
@@ -208,6 +209,15 @@ class Split:
             out[role] = {"blocks": int(mask.sum()), "labelled_pixels": int(labelled[mask].sum()),
                          "class_pixels": {str(c): n for c, n in self.class_pixels([role]).items() if n}}
         out["test"]["labelled_blocks"] = len(self.test_blocks())
+        cell = math.gcd(self.block_size, 32)
+        cells = self.cell_roles(cell)
+        height, width = int(self.geobox.shape.y), int(self.geobox.shape.x)
+        weights = np.ones(cells.shape)  # the last row/column of cells may be partial
+        weights[-1, :] *= (height - (cells.shape[0] - 1) * cell) / cell
+        weights[:, -1] *= (width - (cells.shape[1] - 1) * cell) / cell
+        out[GUARD] = {}
+        for role in list(out):
+            out[role]["area_pixels"] = int(round(weights[cells == role].sum() * cell * cell))
         return out
 
     def to_dict(self) -> dict[str, Any]:
