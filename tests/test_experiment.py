@@ -484,7 +484,9 @@ def grid_config(root: Path, mosaics, labels) -> Path:
     path = root / "experiment.yaml"
     path.write_text(yaml.safe_dump({
         "name": "two-configurations", "output": "out",
-        "regions": {"demo": files_region(mosaics, labels)},
+        # the same files as a transfer region: only its tile 2_2 (256 px tiles), on the April mosaic
+        "regions": {"demo": files_region(mosaics, labels), "demo-again": files_region(mosaics, labels)},
+        "transfer": [{"region": "demo-again", "seasons": ["april"], "tiles": ["2_2"], "tile_size": 256}],
         # 64 px guard bands: the demo region is far smaller than ResNet18's 576 px receptive field
         "split": {"block_size": 64, "guard_px": 64, "test_fraction": 0.25, "val_fraction": 0.15},
         "overrides": {"patch_size": 64, "patches_per_epoch": 16, "batch_size": 4, "val_every": 1, "amp": "off"},
@@ -595,6 +597,11 @@ def test_grid_killed_after_the_first_configuration_resumes(tmp_path, demo_inputs
         significant = r.lower > 0 or r.upper < 0
         assert (r.better == ("sept-nrg" if r.lower > 0 else "sept-rgb")) if significant else pd.isna(r.better)
         assert r.difference == pytest.approx(reports["sept-nrg"][r.metric] - reports["sept-rgb"][r.metric])
+    transfer = json.loads((out / "configurations" / "sept-rgb" / "demo-again-2_2-april" / "report.json").read_text())
+    assert sorted(transfer["tiles"]) == sorted(f"{r}_{c}" for r in range(5, 9) for c in range(5, 9))
+    assert transfer["experiment"]["season"] == "april" and transfer["codes"] == reports["sept-rgb"]["codes"]
+    transfer_table = pd.read_csv(out / "results" / "demo-again-2_2-april" / "table.csv", index_col=0)
+    assert transfer_table.loc["sept-rgb", "mIoU"] == pytest.approx(round(transfer["mean_iou"], 4))
     for figure in ("training_curves.png", "split.png", f"{area}/iou_intervals.png", f"{area}/maps.png"):
         assert (out / "results" / figure).stat().st_size > 5000
     summary = (out / "results" / "summary.md").read_text()

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from clc_dask.errors import ConfigError, OutputError
 from clc_dask.experiment.config import (
     Configuration,
@@ -238,35 +240,46 @@ def prepare_experiment(checked: CheckedExperiment, layout: ExperimentLayout, cli
                       config.split.block_size, tuple(split.test_blocks())) for season in checked.test_seasons]
     for transfer in config.transfer:
         region = regions[transfer.region]
-        blocks = _transfer_blocks(region, transfer.tiles, transfer.tile_size, config.split.block_size,
+        groups = _transfer_blocks(region, transfer.tiles, transfer.tile_size, config.split.block_size,
                                   config.level, client)
-        for season in transfer.seasons or list(region.mosaics):
-            areas.append(TestArea(f"{region.name}-{season}", region.name, season, region.geobox,
-                                  config.split.block_size, blocks))
+        for tile, blocks in groups.items():
+            for season in transfer.seasons or list(region.mosaics):
+                name = f"{region.name}-{tile}-{season}" if tile else f"{region.name}-{season}"
+                areas.append(TestArea(name, region.name, season, region.geobox, config.split.block_size, blocks))
     log.info("split of %s: %s; guard band %d px; %d classes %s", train_region.name,
              {r: v["blocks"] for r, v in split.summary().items()}, split.guard_px, len(codes), list(codes))
     return PreparedExperiment(checked, layout, regions, split, areas, codes)
 
 
 def _transfer_blocks(region: Region, tiles: Sequence[str] | None, tile_size: int, block_size: int, level: int,
-                     client: Any | None) -> tuple[str, ...]:
-    """Labelled blocks of a transfer region (inside ``tiles`` when given)."""
+                     client: Any | None) -> dict[str, tuple[str, ...]]:
+    """Labelled blocks of a transfer region: per tile when ``tiles`` are given (one test area each,
+    as the paper's Tables 4 and 5), else of the whole region (key ``""``).
+
+    Raises:
+        InputError: a tile (or the region) holds no labelled pixel.
+    """
     from clc_dask.errors import InputError
 
     counts = block_label_counts(region.open_labels(block_size), block_size, level, client)
     labelled = counts[..., :-1].sum(axis=-1) > 0
-    inside = labelled.copy()
+    windows = {"": (slice(0, labelled.shape[0]), slice(0, labelled.shape[1]))}
     if tiles:
-        inside[:] = False
+        windows = {}
         for tile in TileGrid(region.geobox, tile_size).select(list(tiles)):
             ys, xs = tile.pixel_slices
-            inside[ys.start // block_size: -(-ys.stop // block_size), xs.start // block_size: -(-xs.stop // block_size)] = True
-        inside &= labelled
-    if not inside.any():
-        where = f"tiles {list(tiles)}" if tiles else "the whole region"
-        raise InputError(f"The test area of transfer region {region.name!r} ({where}) holds no labelled pixel: "
-                         "check its label raster, `level` and `tiles`.")
-    return tuple(Split.block_name(int(r), int(c)) for r, c in zip(*inside.nonzero(), strict=True))
+            windows[tile.name] = (slice(ys.start // block_size, -(-ys.stop // block_size)),
+                                  slice(xs.start // block_size, -(-xs.stop // block_size)))
+    groups = {}
+    for name, (rows, cols) in windows.items():
+        inside = np.zeros_like(labelled)
+        inside[rows, cols] = labelled[rows, cols]
+        if not inside.any():
+            where = f"tile {name}" if name else "the whole region"
+            raise InputError(f"The test area of transfer region {region.name!r} ({where}) holds no labelled "
+                             "pixel: check its label raster, `level` and `tiles`.")
+        groups[name] = tuple(Split.block_name(int(r), int(c)) for r, c in zip(*inside.nonzero(), strict=True))
+    return groups
 
 
 def write_record(prepared: PreparedExperiment) -> None:
