@@ -131,7 +131,8 @@ display(pd.DataFrame(result.training).T[["resumed_from_epoch", "epochs_run", "be
 # %%
 split = result.split
 display(Image(filename=result.results["split_figure"]))
-display(pd.DataFrame({role: {"blocks": v["blocks"], "labelled pixels": v["labelled_pixels"]}
+display(pd.DataFrame({role: {"blocks": v.get("blocks"), "labelled pixels": v.get("labelled_pixels"),
+                             "pixels outside the guard bands": v["area_pixels"]}
                       for role, v in split.summary().items()}).T)
 
 # %% [markdown]

@@ -246,8 +246,8 @@ def prepare_experiment(checked: CheckedExperiment, layout: ExperimentLayout, cli
             for season in transfer.seasons or list(region.mosaics):
                 name = f"{region.name}-{tile}-{season}" if tile else f"{region.name}-{season}"
                 areas.append(TestArea(name, region.name, season, region.geobox, config.split.block_size, blocks))
-    log.info("split of %s: %s; guard band %d px; %d classes %s", train_region.name,
-             {r: v["blocks"] for r, v in split.summary().items()}, split.guard_px, len(codes), list(codes))
+    log.info("split of %s (pixels per role): %s; guard band %d px; %d classes %s", train_region.name,
+             {r: v["area_pixels"] for r, v in split.summary().items()}, split.guard_px, len(codes), list(codes))
     return PreparedExperiment(checked, layout, regions, split, areas, codes)
 
 
