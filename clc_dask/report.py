@@ -246,19 +246,47 @@ def map_figure(
             taking every n-th pixel (only those pixels' chunks are read).
         dpi: resolution of the PNG.
     """
-    prediction = _class_band(prediction, "prediction")
-    reference = _class_band(reference, "reference")
-    geobox = geobox_of(reference)
-    assert_same_grid(geobox_of(prediction), geobox, "prediction", "reference")
-    ref = _reduced(_strided(reference, max_pixels), level)
-    pred = _reduced(_strided(prediction, max_pixels), level)
+    return maps_figure({"Reference": reference, "Prediction": prediction}, path, level=level, title=title,
+                       max_pixels=max_pixels, dpi=dpi)
+
+
+def maps_figure(
+    panels: Mapping[str, xr.DataArray],
+    path: str | os.PathLike[str],
+    *,
+    level: int = 2,
+    title: str | None = None,
+    max_pixels: int = MAP_MAX_PIXELS,
+    dpi: int = 100,
+) -> Path:
+    """Class maps side by side (e.g. the reference, the best and the worst model) in official
+    CLC colours, with one legend.
+
+    Args:
+        panels: ``{panel title: class map}``, all on the grid of the first (e.g. the reference),
+            (y, x) or (1, y, x) CLC codes; lazily read rasters are fine.
+        path: PNG to write.
+        level: CLC level to colour at (finer codes take the colour of their Level-``level`` class).
+        title: figure title.
+        max_pixels: longest edge of each panel in pixels; larger rasters are downsampled by
+            taking every n-th pixel (only those pixels' chunks are read).
+        dpi: resolution of the PNG.
+    """
+    if not panels:
+        raise InputError("No map to draw: give at least one panel.")
+    names = list(panels)
+    arrays = [_class_band(panels[n], n.lower()) for n in names]
+    geobox = geobox_of(arrays[0])
+    for name, array in zip(names[1:], arrays[1:], strict=True):
+        assert_same_grid(geobox_of(array), geobox, name.lower(), names[0].lower())
+    images = [_reduced(_strided(a, max_pixels), level) for a in arrays]
     left, bottom, right, top = geobox.boundingbox
     extent = (left / 1000, right / 1000, bottom / 1000, top / 1000)
-    height, width = ref.shape
+    height, width = images[0].shape
     panel = 4.5
-    fig = Figure(figsize=(2 * panel + 3.0, panel * height / max(width, 1) + 1.2), layout="constrained")
-    axes = fig.subplots(1, 2, sharex=True, sharey=True)
-    for ax, image, name in ((axes[0], ref, "Reference"), (axes[1], pred, "Prediction")):
+    fig = Figure(figsize=(len(images) * panel + 3.0, panel * height / max(width, 1) + 1.2), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(images), sharex=True, sharey=True))
+    for ax, image, name in zip(axes, images, names, strict=True):
         ax.set_facecolor(NODATA_RGB)
         ax.imshow(_rgba_image(image, level), extent=extent, interpolation="nearest", resample=False)
         ax.set_title(name)
@@ -267,9 +295,9 @@ def map_figure(
         ax.yaxis.set_major_locator(MaxNLocator(5))
         ax.tick_params(labelsize=7)
     axes[0].set_ylabel("y (km)")
-    present = sorted(int(c) for c in np.union1d(np.unique(ref), np.unique(pred)) if c != NODATA_CODE)
+    present = sorted({int(c) for image in images for c in np.unique(image)} - {NODATA_CODE})
     handles = [Patch(facecolor=_rgb01(c), edgecolor="none", label=f"{c} {_short(label_of(c))}") for c in present]
-    if (ref == NODATA_CODE).any() or (pred == NODATA_CODE).any():
+    if any((image == NODATA_CODE).any() for image in images):
         handles.append(Patch(facecolor=NODATA_RGB, edgecolor="0.5", linewidth=0.5, label="no data / other"))
     fig.legend(handles=handles, loc="outside right center", fontsize=7, frameon=False,
                title=f"CLC Level {level}", title_fontsize=8)

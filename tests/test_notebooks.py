@@ -33,6 +33,7 @@ NAMES = [
     "03_training",
     "04_inference_and_iou",
     "05_production_run",
+    "06_experiments",
 ]
 EPOCHS = 1
 SMALL = {"SIZE": 512, "SEED": 0, "CHUNK_SIZE": 256}
@@ -295,6 +296,31 @@ def test_05_production_run(run, workdir, scheduler, monkeypatch):
         sha = manifest["tiles"][tile]["files"][f"tiles/{tile}/generalized.tif"]["sha256"]
         assert item["assets"]["generalized"]["file:checksum"] == "1220" + sha
     assert out["opened_item_shape"] == [256, 256]
+
+
+def test_06_experiments(run, workdir, scheduler):
+    nb = run("06_experiments", SCHEDULER_ADDRESS=scheduler, EPOCHS=EPOCHS, REPLICATES=200)
+    out = summary(nb)
+    assert scheduler in text_of(cluster_cell(nb))
+    assert images(nb) >= 4  # the split, training curves, IoU with intervals, best/worst maps
+    assert len(html_tables(nb)) >= 4  # configurations, training, table, comparisons
+    root = Path(out["experiment"])
+    assert root == workdir / "experiment"
+    assert out["configurations"] == ["sept-nrg", "sept-rgb", "septapr-nrg"]
+    table = pd.read_csv(out["table"], index_col=0)
+    assert list(table.index) == out["configurations"] and list(table.columns[-3:]) == ["mIoU", "OA", "kappa"]
+    for name in out["configurations"]:
+        report = json.loads((root / "configurations" / name / out["area"] / "report.json").read_text())
+        assert report["mean_iou"] == pytest.approx(out["miou"][name])
+        assert table.loc[name, "mIoU"] == pytest.approx(round(report["mean_iou"], 4))
+        assert report["intervals"]["mean_iou"] == pytest.approx(out["miou_interval"][name])
+        assert len(report["tiles"]) == out["test_blocks"] > 0
+        metrics = pd.read_csv(root / "configurations" / name / "train" / "metrics.csv")
+        assert metrics["epoch"].tolist() == list(range(1, EPOCHS + 1))
+    with rasterio.open(root / "regions" / "demo" / "mosaic_april.tif") as src:
+        assert src.descriptions == ("B02", "B03", "B04", "B08") and src.dtypes[0] == "uint16"
+    for figure in ("split.png", "training_curves.png", f"{out['area']}/iou_intervals.png", f"{out['area']}/maps.png"):
+        assert (root / "results" / figure).stat().st_size > 5000
 
 
 @pytest.mark.slow

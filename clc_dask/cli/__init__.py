@@ -40,6 +40,7 @@ app = typer.Typer(
 #: Sub-command modules, in pipeline order; each defines ``register(app)``.
 COMMAND_MODULES = (
     "demo", "search", "mosaic", "labels", "patches", "train", "predict", "evaluate", "generalize", "run",
+    "experiment",
 )
 
 

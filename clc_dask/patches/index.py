@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import dask.array as da
+import numpy as np
 import pandas as pd
 from affine import Affine
 from odc.geo.geobox import GeoBox
@@ -298,6 +299,7 @@ def build_patch_index(
     max_unlabelled_fraction: float = 0.5,
     clear_counts: Mapping[str, Source] | None = None,
     client: Any | None = None,
+    split_map: np.ndarray | None = None,
 ) -> PatchIndex:
     """Cut mosaics and labels into patches, reject bad ones and split train/validation by blocks.
 
@@ -325,6 +327,11 @@ def build_patch_index(
             outside ``codes``) than this.
         clear_counts: season → single-band clear-observation count raster (optional).
         client: a ``distributed.Client`` to compute on; default the local threaded scheduler.
+        split_map: a given split instead of the block split: a (rows, cols) array with one word
+            per patch location (``height // patch_size`` × ``width // patch_size``): ``"train"``,
+            ``"val"``, or any other word for a location never used (e.g. ``"test"``, ``"guard"``).
+            ``val_fraction``, ``split_block``, ``guard`` and ``seed`` are then not used.
+            :mod:`clc_dask.experiment` makes one around its test area.
 
     Raises:
         ConfigError: bad patch size, fraction or thresholds; no usable patch in a split (the
@@ -351,7 +358,10 @@ def build_patch_index(
         max_nodata_fraction, max_cloud_fraction, max_unlabelled_fraction)
     check_usable(table, max_nodata_fraction, max_cloud_fraction, max_unlabelled_fraction, bool(stats.clear))
 
-    split = split_locations(location_usable, split_block, val_fraction, guard, seed)
+    if split_map is None:
+        split = split_locations(location_usable, split_block, val_fraction, guard, seed)
+    else:
+        split = _given_split(split_map, nrows, ncols, patch_size)
     table["split"] = split[table["row"].to_numpy(), table["col"].to_numpy()]
     table["block_row"] = table["row"] // split_block
     table["block_col"] = table["col"] // split_block
@@ -360,7 +370,7 @@ def build_patch_index(
     normalization = band_normalization(table, stats.mosaics, opened.bands)
     settings = {
         "val_fraction": val_fraction, "split_block": split_block, "guard": guard, "seed": seed,
-        "level": level, **thresholds,
+        "level": level, **thresholds, "split": "blocks" if split_map is None else "given",
     }
     columns = ["season", "row", "col", "y0", "x0", "block_row", "block_col", "split", "usable", "reason",
                "nodata_fraction", "cloud_fraction", "unlabelled_fraction"]
@@ -369,6 +379,11 @@ def build_patch_index(
                        table.reset_index(drop=True), settings, opened.mosaic_paths, opened.label_path,
                        opened.clear_paths, _sources=opened.sources)
     for split_name in SPLITS:
+        if not index.samples(split_name) and split_map is not None:
+            raise ConfigError(
+                f"The {split_name} split has no usable patch ({index.counts()}): the `split_map` gives "
+                f"it no location whose {patch_size} px patch is usable; give it more area."
+            )
         if not index.samples(split_name):
             raise ConfigError(
                 f"The {split_name} split has no usable patch ({index.counts()}): the area holds too few "
@@ -380,6 +395,16 @@ def build_patch_index(
              counts["train"]["total"], counts["val"]["total"], counts["rejected"]["total"],
              len(classes), list(classes.codes))
     return index
+
+
+def _given_split(split_map: np.ndarray, nrows: int, ncols: int, size: int) -> np.ndarray:
+    split = np.asarray(split_map).astype(str)
+    if split.shape != (nrows, ncols):
+        raise ConfigError(
+            f"`split_map` has shape {split.shape} but the grid holds {nrows}×{ncols} whole patches of "
+            f"{size} px: give one word per patch location."
+        )
+    return split
 
 
 def _check_settings(patch_size: int, val_fraction: float, split_block: int, guard: int,
