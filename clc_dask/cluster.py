@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Any, Literal
@@ -202,8 +201,8 @@ def connect(
     with contextlib.ExitStack() as stack:
         scratch = None
         if not address:  # the scheduler's and workers' scratch folder, removed once they are gone
-            scratch = tempfile.mkdtemp(prefix="clc-dask-cluster-")
-            stack.callback(shutil.rmtree, scratch, True)
+            scratch = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="clc-dask-cluster-", ignore_cleanup_errors=True))
         with dask.config.set({"temporary-directory": scratch} if scratch else {}):
             client = get_client(address=address, kind="address" if address else kind, n_workers=n_workers,
                                 threads_per_worker=threads_per_worker, memory_limit=memory_limit,

@@ -9,6 +9,7 @@ refused (CVE-2025-32434).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
