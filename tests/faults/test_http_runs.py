@@ -72,7 +72,7 @@ def assert_same_outputs_but_source(store: Path, reference: Path) -> None:
 
 
 def test_run_under_faults_equals_the_clean_run(faulty_demo, run_root, demo_region, reference_run):
-    with faulty_demo(RATES, seed=5) as demo:
+    with faulty_demo(RATES, seed=2) as demo:
         path = write_config(run_root, demo_region, "http-faults",
                             imagery={"source": demo.stac_url, "gdal": FAST_GDAL})
         result = R.execute_run(load_run_config(path))
