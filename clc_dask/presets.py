@@ -39,7 +39,7 @@ PRESETS: dict[str, TrainConfig] = {
     # about 6 min, held-out mIoU ≥ 0.75 (tests/test_demo_accuracy.py).
     "cpu-demo": TrainConfig(name="cpu-demo", seasons=("september",), composite="nrg", encoder="resnet18",
                             decoder_channels=(128, 64, 32, 16, 8), encoder_weights=None, patch_size=128,
-                            split_block=1, epochs=20, batch_size=8, lr=3e-3, lr_schedule="cosine",
+                            val_fraction=0.15, epochs=20, batch_size=8, lr=3e-3, lr_schedule="cosine",
                             loss="ce+dice", class_weights="inverse-sqrt-frequency", augment=True,
                             device="cpu", amp="bf16", data="zarr", prefetch=64, val_every=2),
 }

@@ -338,7 +338,8 @@ def test_cli_patches(tmp_path, scene):
     out = tmp_path / "idx"
     args = ["patches", "--mosaic", f"september={mosaics['september']}", "--mosaic",
             f"april={mosaics['april']}", "--labels", str(labels), "--patch-size", "32",
-            "--split-block", "2", "--composite", "nrg", "--out", str(out), "--cache-zarr"]
+            "--split-block", "2", "--val-side", "blocks", "--guard", "0", "--composite", "nrg",
+            "--out", str(out), "--cache-zarr"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "RARE" in result.output and "september" in result.output
@@ -406,7 +407,7 @@ def test_cli_errors_name_the_options_of_library_parameters(tmp_path, scene, monk
         build_patch_index(mosaics, labels, patch_size=128, split_block=2)
     code, _, err = run_main(monkeypatch, capsys, "patches", "--mosaic", f"september={mosaics['september']}",
                             "--labels", labels, "--patch-size", "128", "--split-block", "2",
-                            "--out", tmp_path / "idx")
+                            "--val-side", "blocks", "--guard", "0", "--out", tmp_path / "idx")
     assert code == 1
     assert "lower --split-block or --patch-size" in err and "`" not in err
     assert not (tmp_path / "idx").exists()
@@ -420,7 +421,7 @@ def test_cli_patches_on_a_scheduler_by_its_address_alias(tmp_path, scene, monkey
     _, mosaics, labels = scene
     local = build_patch_index({"september": mosaics["september"]}, labels, patch_size=32, split_block=2)
     common = ["patches", "--mosaic", f"september={mosaics['september']}", "--labels", labels,
-              "--patch-size", "32", "--split-block", "2"]
+              "--patch-size", "32", "--split-block", "2", "--val-side", "blocks", "--guard", "0"]
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         for option in ("--address", "--scheduler"):
             out = tmp_path / option.strip("-")
@@ -430,3 +431,73 @@ def test_cli_patches_on_a_scheduler_by_its_address_alias(tmp_path, scene, monkey
             assert load_patch_index(out).fingerprint() == local.fingerprint()
         with Client(cluster.scheduler_address) as client:  # the command closed only its own client
             assert len(client.scheduler_info()["workers"]) == 1
+
+
+# --------------------------------------------------------------------------- guard bands
+
+
+def _patch_gap(a: tuple[int, int], b: tuple[int, int], size: int) -> int:
+    """Pixels between two patches (0 = touching): the larger of the row and column gaps."""
+    return max(abs(a[0] - b[0]) * size - size, abs(a[1] - b[1]) * size - size, 0)
+
+
+def test_training_splits_keep_the_receptive_field_between_validation_and_training(tmp_path):
+    """A training config's default split: validation is the southern strip, and the guard band
+    is the encoder's receptive field, so no training patch lies within reach of a validation pixel."""
+    from clc_dask.model import receptive_field
+    from clc_dask.train import index_for_config, make_train_config
+
+    mosaics, labels = synthetic_scene(tmp_path / "wide", 1536)
+    config = make_train_config(encoder="resnet18", patch_size=64, seasons=("september",), composite="nrg")
+    assert config.guard == "auto" and config.val_side == "south"
+    reach = receptive_field("resnet18")
+    assert reach == 576 and config.guard_patches == reach // 64
+    index = index_for_config(config, mosaics, labels)
+    assert index.settings["guard"] == 9 and index.settings["val_side"] == "south"
+    cells = {split: [(s.row, s.col) for s in index.samples(split)] for split in ("train", "val")}
+    assert cells["train"] and cells["val"]
+    # validation is a strip of whole rows at the southern edge, training north of the guard band
+    assert min(r for r, _ in cells["val"]) > max(r for r, _ in cells["train"])
+    gaps = [_patch_gap(t, v, 64) for t in set(cells["train"]) for v in set(cells["val"])]
+    assert min(gaps) >= reach
+    share = len(cells["val"]) / (len(cells["train"]) + len(cells["val"]))
+    assert 0.2 <= share <= 0.45, share
+    # a config made from this index keeps its split
+    from clc_dask.train import config_for_index
+
+    again = config_for_index(index)
+    assert again.guard == 9 and again.val_side == "south" and again.guard_patches == 9
+
+
+@pytest.mark.parametrize("side", ["north", "south", "east", "west"])
+def test_validation_strip_lies_along_its_side_behind_the_guard(scene, side):
+    _, mosaics, labels = scene
+    idx = build_patch_index(mosaics, labels, patch_size=32, guard=2, val_side=side, val_fraction=0.2)
+    lines = {split: [(s.row, s.col) for s in idx.samples(split)] for split in ("train", "val")}
+    axis = 0 if side in ("north", "south") else 1
+    val_lines = {cell[axis] for cell in lines["val"]}
+    train_lines = {cell[axis] for cell in lines["train"]}
+    edge = 0 if side in ("north", "west") else 7
+    assert edge in val_lines and len(val_lines) >= 1
+    assert min(abs(t - v) for t in train_lines for v in val_lines) > 2  # two lines of guard between
+    assert idx.settings["val_side"] == side
+
+
+def test_guard_band_that_leaves_no_training_area_is_a_clear_error(tmp_path, scene, monkeypatch, capsys):
+    """`clc-dask patches` defaults to the receptive field of --encoder: on an area too small for it
+    the error says so and names the option, before anything is written."""
+    _, mosaics, labels = scene
+    with pytest.raises(ConfigError, match=r"guard band of 9 patch\(es\) \(288 px\).*narrower `guard`"):
+        build_patch_index(mosaics, labels, patch_size=32, guard=9, val_side="south")
+    code, _, err = run_main(monkeypatch, capsys, "patches", "--mosaic", f"september={mosaics['september']}",
+                            "--labels", labels, "--patch-size", "32", "--out", tmp_path / "idx")
+    assert code == 1
+    assert "guard band of 33 patch(es) (1056 px)" in err and "narrower --guard" in err
+    assert not (tmp_path / "idx").exists()
+    code, _, err = run_main(monkeypatch, capsys, "patches", "--mosaic", f"september={mosaics['september']}",
+                            "--labels", labels, "--patch-size", "32", "--val-side", "up", "--out", tmp_path / "idx")
+    assert code == 1 and "--val-side must be one of north, south, east, west" in err
+    code, _, err = run_main(monkeypatch, capsys, "patches", "--mosaic", f"september={mosaics['september']}",
+                            "--labels", labels, "--guard", "wide", "--out", tmp_path / "idx")
+    assert code == 1 and "--guard 'wide' is not a number of patches or auto" in err
+    assert not (tmp_path / "idx").exists()

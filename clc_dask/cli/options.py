@@ -63,3 +63,14 @@ def parse_codes(text: str | None, option: str) -> list[int] | None:
         return [int(v) for v in names]
     except ValueError:
         raise ConfigError(f"{option} must be comma-separated CLC codes such as 11,12,21, not {text!r}.") from None
+
+
+def parse_guard(value: str | None) -> int | str | None:
+    """``--guard``: ``auto`` or a number of patches (None: keep the config's)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"--guard {value!r} is not a number of patches or auto (the encoder's "
+                          "receptive field).") from None

@@ -9,13 +9,16 @@ from typing import Annotated
 
 import typer
 
+from clc_dask.cli.options import parse_guard
 from clc_dask.cluster import connect
 from clc_dask.errors import ConfigError
+from clc_dask.model import receptive_field
 from clc_dask.patches import (
     CACHE_STORE,
     SPLITS,
     PatchIndex,
     clear_counts_beside,
+    guard_patches,
     write_patch_index,
 )
 from clc_dask.seasons import SEASONS
@@ -80,8 +83,12 @@ def register(app: typer.Typer) -> None:
                                 "(paper ≈ 0.25).")] = 0.25,
         split_block: Annotated[int, typer.Option("--split-block", help="Split blocks of N×N "
                                "patches go wholly to train or validation.")] = 4,
-        guard: Annotated[int, typer.Option("--guard", help="Drop training patches within N patches "
-                         "of validation.")] = 0,
+        guard: Annotated[str, typer.Option("--guard", help="Drop training patches within N patches "
+                         "of validation; auto (default): the receptive field of --encoder.")] = "auto",
+        encoder: Annotated[str, typer.Option("--encoder", help="The network the patches are for: "
+                           "its receptive field sizes --guard auto.")] = "resnet34",
+        val_side: Annotated[str, typer.Option("--val-side", help="Validation as a strip along north, "
+                            "south (default), east or west, or blocks (seeded split blocks).")] = "south",
         seed: Annotated[int, typer.Option("--seed", help="Seeds the block split.")] = 0,
         max_nodata_fraction: Annotated[float, typer.Option("--max-nodata-fraction")] = 0.5,
         max_cloud_fraction: Annotated[float, typer.Option("--max-cloud-fraction")] = 0.5,
@@ -94,10 +101,14 @@ def register(app: typer.Typer) -> None:
         """Cut mosaics into patches, reject no-data/cloud/unlabelled ones, split train/val by blocks."""
         season_mosaics = parse_season_paths(mosaics, "--mosaic")
         clear = clear_counts_beside(season_mosaics, parse_season_paths(clear_counts, "--clear"))
+        guard_width = parse_guard(guard)
+        if guard_width == "auto":
+            guard_width = guard_patches(receptive_field(encoder), patch_size)
         with connect(scheduler) as client:
             index = write_patch_index(
                 season_mosaics, labels, out_dir, patch_size=patch_size, bands=bands, level=level,
-                val_fraction=val_fraction, split_block=split_block, guard=guard, seed=seed,
+                val_fraction=val_fraction, split_block=split_block, guard=guard_width, seed=seed,
+                val_side=val_side,
                 max_nodata_fraction=max_nodata_fraction, max_cloud_fraction=max_cloud_fraction,
                 max_unlabelled_fraction=max_unlabelled_fraction, clear_counts=clear,
                 cache_zarr=cache_zarr, overwrite=overwrite, client=client,

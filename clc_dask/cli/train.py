@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from clc_dask.cli.options import parse_guard
 from clc_dask.cli.patches import CLEAR_HELP, MOSAIC_HELP, SCHEDULER_HELP, parse_season_paths
 from clc_dask.cluster import connect
 from clc_dask.errors import ConfigError
@@ -49,7 +50,8 @@ def _channels(text: str | None) -> tuple[int, ...] | None:
 
 
 def _check_data_options(patches: Path | None, mosaics: list[str] | None, labels: Path | None,
-                        preset: str | None, composite: str | None, patch_size: int | None) -> None:
+                        preset: str | None, composite: str | None, patch_size: int | None,
+                        split: tuple[str | None, str | None] = (None, None)) -> None:
     """The options that choose the training data go together (checked before any work)."""
     if (patches is None) == (not mosaics):
         raise ConfigError("Give the training data: either --patches INDEX_DIR or --mosaic SEASON=PATH "
@@ -59,6 +61,9 @@ def _check_data_options(patches: Path | None, mosaics: list[str] | None, labels:
     if patches is not None and (composite or patch_size):
         raise ConfigError("--composite/--patch-size apply to --mosaic; a patch index has them "
                           "fixed (rebuild it with clc-dask patches to change them).")
+    if patches is not None and any(split):
+        raise ConfigError("--guard/--val-side shape the split of a new patch index (with --mosaic); "
+                          "a patch index has its split fixed (rebuild it with clc-dask patches).")
     if preset and (composite or patch_size):
         raise ConfigError("--composite/--patch-size conflict with --preset, which fixes them: "
                           "drop them or the preset.")
@@ -113,6 +118,10 @@ def register(app: typer.Typer) -> None:
         num_workers: Annotated[int | None, typer.Option("--num-workers", min=0, help="DataLoader "
                                "workers (zarr data only).")] = None,
         val_every: Annotated[int | None, typer.Option("--val-every", min=1)] = None,
+        guard: Annotated[str | None, typer.Option("--guard", help="Guard band around validation, in "
+                         "patches, or auto: the encoder's receptive field (default).")] = None,
+        val_side: Annotated[str | None, typer.Option("--val-side", help="Validation as a strip along "
+                            "north, south (default), east or west, or blocks (seeded split blocks).")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/checkpoint.pt "
                           "(same settings; --epochs may grow).")] = False,
         init_checkpoint: Annotated[Path | None, typer.Option("--init", help="Start from this checkpoint's "
@@ -123,13 +132,14 @@ def register(app: typer.Typer) -> None:
                             "(default: on a terminal).")] = None,
     ) -> None:
         """Train a U-Net/ResNet (Adam) and write checkpoints and per-epoch metrics."""
-        _check_data_options(patches, mosaics, labels, preset, composite, patch_size)
+        _check_data_options(patches, mosaics, labels, preset, composite, patch_size, (guard, val_side))
         no_weights = encoder_weights is not None and encoder_weights.lower() == "none"
         settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, encoder=encoder,
                         encoder_weights=None if no_weights else encoder_weights, loss=loss,
                         class_weights=class_weights, augment=augment, seed=seed, device=device, data=data,
                         num_workers=num_workers, val_every=val_every, amp=amp,
-                        decoder_channels=_channels(decoder_channels))
+                        decoder_channels=_channels(decoder_channels), guard=parse_guard(guard),
+                        val_side=val_side)
         base = get_preset(preset) if preset else None
         run = dict(resume=resume, init_checkpoint=init_checkpoint, progress=progress, overwrite=overwrite)
         if patches is not None:

@@ -70,6 +70,10 @@ def _folders(ctx: DemoContext) -> dict[str, Path]:
     }
 
 
+#: Smallest demo region (px) whose training area holds validation behind a guard band.
+MIN_GUARDED_SIZE = 2048
+
+
 def held_out_rows(size: int) -> slice:
     """Rows (pixels) of the held-out strip of a ``size`` px region."""
     return slice(size - int(round(size * HELD_OUT_FRACTION)), size)
@@ -110,11 +114,21 @@ def step_labels(ctx: DemoContext) -> dict[str, Any]:
 
 
 def step_train(ctx: DemoContext) -> dict[str, Any]:
-    """Train the CPU demo preset on the region outside the held-out strip."""
+    """Train the CPU demo preset on the region outside the held-out strip.
+
+    Validation is the strip just north of the held-out one, behind a guard band of the
+    network's receptive field (regions under :data:`MIN_GUARDED_SIZE` px have no room for one
+    and validate without it)."""
     paths = ctx.outputs
     mosaics = {DEMO_SEASON: paths["mosaics"][DEMO_SEASON]}
+    guard = None
+    if ctx.size < MIN_GUARDED_SIZE:
+        log.warning("the %d px demo region is too small for a guard band of the network's receptive field "
+                    "around validation (from %d px): validating without one, scores are optimistic",
+                    ctx.size, MIN_GUARDED_SIZE)
+        guard = 0
     result = train_demo(mosaics, paths["train_labels"], _folders(ctx)["model"], client=_client(ctx),
-                        progress=False, epochs=ctx.epochs)
+                        progress=False, epochs=ctx.epochs, guard=guard)
     checkpoint = result.best_checkpoint or result.checkpoint
     paths["checkpoint"] = str(checkpoint)
     return {"epochs": result.epochs_run, "best_val_miou": round(float(result.best_val_miou or 0), 3),

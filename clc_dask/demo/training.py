@@ -22,6 +22,7 @@ def train_demo(
     clear_counts: Mapping[str, Source] | None = None,
     progress: bool | None = None,
     epochs: int | None = None,
+    guard: int | str | None = None,
 ) -> TrainResult:
     """The demo's training stage: patch index in ``out_dir/patches``, model in ``out_dir/train``.
 
@@ -40,8 +41,10 @@ def train_demo(
         clear_counts: optional season → clear-count raster.
         progress: progress bar (default: when stderr is a terminal).
         epochs: override the preset's number of epochs (e.g. a quick look).
+        guard: override the preset's guard band around validation (patches, or ``auto``: the
+            encoder's receptive field); 0 for regions too small to hold one.
     """
-    config = get_preset(preset, epochs=epochs)
+    config = get_preset(preset, epochs=epochs, guard=guard)
     out_dir = Path(out_dir)
     return train_from_mosaics(config, mosaics, labels, out_dir / "train", clear_counts=clear_counts,
                               index_dir=out_dir / "patches", client=client, resume=True, progress=progress)

@@ -48,6 +48,7 @@ from clc_dask.patches.index import (
 )
 from clc_dask.patches.loader import EpochSampler, epoch_order, patch_loader
 from clc_dask.patches.sources import READ_CHUNK, Source, clear_counts_beside, find_clear_count
+from clc_dask.patches.split import VAL_SIDES, guard_patches
 from clc_dask.patches.stream import FETCH_GROUP, DaskPatchStream
 from clc_dask.patches.write import write_patch_index
 
@@ -65,6 +66,7 @@ __all__ = [
     "RARE_SHARE",
     "READ_CHUNK",
     "SPLITS",
+    "VAL_SIDES",
     "DaskPatchStream",
     "EpochSampler",
     "PatchIndex",
@@ -76,6 +78,7 @@ __all__ = [
     "clear_counts_beside",
     "epoch_order",
     "find_clear_count",
+    "guard_patches",
     "load_patch_index",
     "patch_loader",
     "write_patch_index",

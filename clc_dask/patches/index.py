@@ -32,7 +32,7 @@ from clc_dask.items import composite_bands
 from clc_dask.model import Normalization
 from clc_dask.patches.rejection import check_usable, sample_table
 from clc_dask.patches.sources import Source, Sources, open_sources
-from clc_dask.patches.split import split_locations
+from clc_dask.patches.split import VAL_SIDES, split_locations
 from clc_dask.patches.statistics import band_normalization, patch_statistics
 from clc_dask.rasters import geobox_of
 from clc_dask.stores import atomic_path
@@ -294,6 +294,7 @@ def build_patch_index(
     split_block: int = 4,
     guard: int = 0,
     seed: int = 0,
+    val_side: str | None = None,
     max_nodata_fraction: float = 0.5,
     max_cloud_fraction: float = 0.5,
     max_unlabelled_fraction: float = 0.5,
@@ -318,8 +319,14 @@ def build_patch_index(
         split_block: edge of a split block in patches; whole blocks go to one split. Larger
             blocks separate train and validation further but make the share coarser.
         guard: drop training patches within this many patches of a validation patch (0 = none;
-            1 removes every training patch touching validation).
+            1 removes every training patch touching validation). As wide as the network's
+            receptive field (``guard_patches(receptive_field(encoder), patch_size)``, what
+            training configs use by default), no validation pixel is within reach of a training
+            patch, so the validation scores that choose the best epoch are honest.
         seed: seeds which blocks go to validation.
+        val_side: ``north``, ``south``, ``east`` or ``west``: validation is a strip of whole
+            patch rows (or columns) along that side of the usable area instead of seeded blocks,
+            so a wide guard band costs one strip rather than a ring around every block.
         max_nodata_fraction: reject a sample whose mosaic has more no-data (0) pixels than this.
         max_cloud_fraction: reject a sample with more never-clear pixels (clear count 0) than
             this; only with ``clear_counts``.
@@ -341,8 +348,8 @@ def build_patch_index(
     """
     thresholds = {"max_nodata_fraction": max_nodata_fraction, "max_cloud_fraction": max_cloud_fraction,
                   "max_unlabelled_fraction": max_unlabelled_fraction}
-    _check_settings(patch_size, val_fraction, split_block, guard, thresholds)
-    band_order = composite_bands(bands) if bands is not None else None
+    _check_settings(patch_size, val_fraction, split_block, guard, val_side, thresholds)
+    band_order = _band_order(bands)
     opened = open_sources(mosaics, labels, clear_counts, band_order, patch_size)
     geobox = opened.geobox
     nrows, ncols = geobox.shape.y // patch_size, geobox.shape.x // patch_size
@@ -359,17 +366,20 @@ def build_patch_index(
     check_usable(table, max_nodata_fraction, max_cloud_fraction, max_unlabelled_fraction, bool(stats.clear))
 
     if split_map is None:
-        split = split_locations(location_usable, split_block, val_fraction, guard, seed)
+        split = split_locations(location_usable, split_block, val_fraction, guard, seed,
+                                None if val_side == "blocks" else val_side)
     else:
         split = _given_split(split_map, nrows, ncols, patch_size)
     table["split"] = split[table["row"].to_numpy(), table["col"].to_numpy()]
     table["block_row"] = table["row"] // split_block
     table["block_col"] = table["col"] // split_block
+    _check_splits(table, split_map is not None, guard, patch_size, split_block, geobox)
 
     classes = ClassTable(level, list(_present_codes(table, codes)))
     normalization = band_normalization(table, stats.mosaics, opened.bands)
     settings = {
         "val_fraction": val_fraction, "split_block": split_block, "guard": guard, "seed": seed,
+        "val_side": None if val_side == "blocks" else val_side,
         "level": level, **thresholds, "split": "blocks" if split_map is None else "given",
     }
     columns = ["season", "row", "col", "y0", "x0", "block_row", "block_col", "split", "usable", "reason",
@@ -378,23 +388,46 @@ def build_patch_index(
     index = PatchIndex(geobox, patch_size, seasons, opened.bands, classes, normalization,
                        table.reset_index(drop=True), settings, opened.mosaic_paths, opened.label_path,
                        opened.clear_paths, _sources=opened.sources)
-    for split_name in SPLITS:
-        if not index.samples(split_name) and split_map is not None:
-            raise ConfigError(
-                f"The {split_name} split has no usable patch ({index.counts()}): the `split_map` gives "
-                f"it no location whose {patch_size} px patch is usable; give it more area."
-            )
-        if not index.samples(split_name):
-            raise ConfigError(
-                f"The {split_name} split has no usable patch ({index.counts()}): the area holds too few "
-                f"blocks of {split_block}×{split_block} patches; lower `split_block` or `patch_size`, "
-                "or use a larger area."
-            )
     counts = index.counts()
     log.info("patch index: %d train / %d val usable samples (%d rejected), %d classes %s",
              counts["train"]["total"], counts["val"]["total"], counts["rejected"]["total"],
              len(classes), list(classes.codes))
     return index
+
+
+def _check_splits(table: pd.DataFrame, given: bool, guard: int, patch_size: int, split_block: int,
+                  geobox: GeoBox) -> None:
+    """Raise ConfigError naming the setting to change if the train or validation split is empty."""
+    for split_name in SPLITS:
+        if (table["usable"] & (table["split"] == split_name)).any():
+            continue
+        counts = {s: int((table["usable"] & (table["split"] == s)).sum()) for s in SPLITS}
+        if given:
+            raise ConfigError(
+                f"The {split_name} split has no usable patch ({counts}): the `split_map` gives "
+                f"it no location whose {patch_size} px patch is usable; give it more area."
+            )
+        if guard:
+            raise ConfigError(
+                f"The {split_name} split has no usable patch ({counts}): the guard band of "
+                f"{guard} patch(es) ({guard * patch_size} px) around validation leaves no room for it "
+                f"in this {geobox.shape.y}×{geobox.shape.x} px area. Use a larger area, or a narrower "
+                "`guard` (0 = none; a band narrower than the network's receptive field lets "
+                "validation pixels see training patches)."
+            )
+        raise ConfigError(
+            f"The {split_name} split has no usable patch ({counts}): the area holds too few "
+            f"blocks of {split_block}×{split_block} patches; lower `split_block` or `patch_size`, "
+            "or use a larger area."
+        )
+
+
+def _band_order(bands: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """A composite name or comma list through :func:`composite_bands`; a sequence of band names
+    as given (any band the mosaics hold: missing ones are named when the mosaics are opened)."""
+    if bands is None or isinstance(bands, str):
+        return None if bands is None else composite_bands(bands)
+    return tuple(str(b).upper() for b in bands)
 
 
 def _given_split(split_map: np.ndarray, nrows: int, ncols: int, size: int) -> np.ndarray:
@@ -407,7 +440,7 @@ def _given_split(split_map: np.ndarray, nrows: int, ncols: int, size: int) -> np
     return split
 
 
-def _check_settings(patch_size: int, val_fraction: float, split_block: int, guard: int,
+def _check_settings(patch_size: int, val_fraction: float, split_block: int, guard: int, val_side: str | None,
                     thresholds: Mapping[str, float]) -> None:
     if patch_size < 32 or patch_size % 32:
         raise ConfigError(
@@ -420,6 +453,9 @@ def _check_settings(patch_size: int, val_fraction: float, split_block: int, guar
         raise ConfigError(f"`split_block` must be ≥ 1 patch, not {split_block}.")
     if guard < 0:
         raise ConfigError(f"`guard` must be ≥ 0 patches, not {guard}.")
+    if val_side is not None and val_side != "blocks" and val_side not in VAL_SIDES:
+        raise ConfigError(f"`val_side` must be one of {', '.join(VAL_SIDES)} (or blocks / None for seeded blocks), "
+                          f"not {val_side!r}.")
     for name, value in thresholds.items():
         if not 0 <= value <= 1:
             raise ConfigError(f"`{name}` is a fraction in 0…1, not {value}.")

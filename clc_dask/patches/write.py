@@ -29,6 +29,7 @@ def write_patch_index(
     split_block: int = 4,
     guard: int = 0,
     seed: int = 0,
+    val_side: str | None = None,
     max_nodata_fraction: float = 0.5,
     max_cloud_fraction: float = 0.5,
     max_unlabelled_fraction: float = 0.5,
@@ -58,6 +59,8 @@ def write_patch_index(
         split_block: whole blocks of N × N patches go to one split.
         guard: drop training patches within N patches of validation.
         seed: seeds the block split.
+        val_side: validation as a strip along this side (``north``, ``south``, ``east``,
+            ``west``) instead of seeded blocks.
         max_nodata_fraction: reject samples with more no data than this.
         max_cloud_fraction: reject samples with more never-clear pixels than this.
         max_unlabelled_fraction: reject locations with more unlabelled pixels than this.
@@ -78,7 +81,7 @@ def write_patch_index(
         raise OutputError(f"{out_dir} already holds a patch index: pass `overwrite` or choose another `out_dir`.")
     index = build_patch_index(
         mosaics, labels, patch_size=patch_size, bands=bands, level=level, codes=codes,
-        val_fraction=val_fraction, split_block=split_block, guard=guard, seed=seed,
+        val_fraction=val_fraction, split_block=split_block, guard=guard, seed=seed, val_side=val_side,
         max_nodata_fraction=max_nodata_fraction, max_cloud_fraction=max_cloud_fraction,
         max_unlabelled_fraction=max_unlabelled_fraction, clear_counts=clear_counts, client=client,
     )

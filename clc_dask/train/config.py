@@ -10,8 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from clc_dask.errors import ConfigError
 from clc_dask.items import composite_bands, composite_name
-from clc_dask.model import ENCODERS, check_decoder_channels
-from clc_dask.patches import PatchIndex
+from clc_dask.model import ENCODERS, check_decoder_channels, receptive_field
+from clc_dask.patches import PatchIndex, guard_patches
 from clc_dask.seasons import SEASONS
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,12 @@ class TrainConfig(BaseModel):
     level: Literal[1, 2, 3] = Field(2, description="CLC level of the classes")
     val_fraction: float = Field(0.25, gt=0, lt=1, description="validation share (paper ≈ 0.25)")
     split_block: int = Field(4, ge=1, description="split block edge in patches")
-    guard: int = Field(0, ge=0, description="training patches dropped around validation, in patches")
+    guard: int | Literal["auto"] = Field(
+        "auto", description="training patches dropped around validation, in patches; auto = the "
+        "encoder's receptive field (no validation pixel within reach of a training patch)")
+    val_side: Literal["north", "south", "east", "west", "blocks"] = Field(
+        "south", description="validation as a strip along this side of the area (one guard band), "
+        "or blocks: seeded split blocks (a guard band around each)")
     max_nodata_fraction: float = Field(0.5, ge=0, le=1)
     max_cloud_fraction: float = Field(0.5, ge=0, le=1)
     max_unlabelled_fraction: float = Field(0.5, ge=0, le=1)
@@ -84,6 +89,13 @@ class TrainConfig(BaseModel):
         except ConfigError as exc:
             raise ValueError(str(exc).rstrip(".")) from None
 
+    @field_validator("guard")
+    @classmethod
+    def _guard_width(cls, value: int | str) -> int | str:
+        if value != "auto" and (not isinstance(value, int) or value < 0):
+            raise ValueError(f"guard {value!r} must be ≥ 0 patches or auto (the encoder's receptive field)")
+        return value
+
     @field_validator("patch_size")
     @classmethod
     def _multiple_of_32(cls, value: int) -> int:
@@ -111,6 +123,19 @@ class TrainConfig(BaseModel):
     def bands(self) -> tuple[str, ...]:
         """Band order of :attr:`composite`."""
         return composite_bands(self.composite)
+
+    @property
+    def guard_patches(self) -> int:
+        """The guard band in patches: :attr:`guard`, or for ``auto`` the encoder's receptive
+        field (:func:`clc_dask.model.receptive_field`) in whole patches."""
+        if self.guard == "auto":
+            return guard_patches(receptive_field(self.encoder), self.patch_size)
+        return int(self.guard)
+
+    @property
+    def split_side(self) -> str | None:
+        """:attr:`val_side` as :func:`~clc_dask.patches.build_patch_index` takes it (None = blocks)."""
+        return None if self.val_side == "blocks" else self.val_side
 
 
 def make_train_config(base: TrainConfig | Mapping[str, Any] | None = None, **overrides: Any) -> TrainConfig:
@@ -148,6 +173,7 @@ def config_for_index(index: PatchIndex, base: TrainConfig | None = None, **overr
     data.update({k: index.settings[k] for k in ("val_fraction", "split_block", "guard",
                                                 "max_nodata_fraction", "max_cloud_fraction",
                                                 "max_unlabelled_fraction") if k in index.settings})
+    data["val_side"] = index.settings.get("val_side") or "blocks"
     return make_train_config(base, **data, **overrides)
 
 
@@ -162,6 +188,13 @@ def check_index(config: TrainConfig, index: PatchIndex) -> None:
         problems.append(f"patch size {index.patch_size} px (config: {config.patch_size} px)")
     if index.classes.level != config.level:
         problems.append(f"Level-{index.classes.level} classes (config: Level {config.level})")
+    guard_px = int(index.settings.get("guard", 0)) * index.patch_size
+    reach = receptive_field(config.encoder)
+    if not problems and guard_px < reach:
+        log.warning("the patch index's guard band (%d px) is narrower than the receptive field of %s (%d px): "
+                    "validation pixels can see training patches, so validation scores are optimistic; "
+                    "rebuild the index with guard %d (patches of %d px) for an honest validation",
+                    guard_px, config.encoder, reach, guard_patches(reach, index.patch_size), index.patch_size)
     if problems:
         raise ConfigError(
             f"The patch index has {', '.join(problems)}: rebuild it with the data settings of "

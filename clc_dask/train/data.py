@@ -60,8 +60,8 @@ def index_for_config(
     return build_patch_index(
         {s: mosaics[s] for s in config.seasons}, labels, patch_size=config.patch_size, bands=config.bands,
         level=config.level, val_fraction=config.val_fraction, split_block=config.split_block,
-        guard=config.guard, seed=config.seed, max_nodata_fraction=config.max_nodata_fraction,
-        max_cloud_fraction=config.max_cloud_fraction, max_unlabelled_fraction=config.max_unlabelled_fraction,
+        guard=config.guard_patches, seed=config.seed, val_side=config.split_side,
+        max_nodata_fraction=config.max_nodata_fraction, max_cloud_fraction=config.max_cloud_fraction, max_unlabelled_fraction=config.max_unlabelled_fraction,
         clear_counts={s: p for s, p in (clear_counts or {}).items() if s in config.seasons}, client=client,
     )
 
