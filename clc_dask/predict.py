@@ -54,7 +54,7 @@ import xarray as xr
 from dask.base import tokenize
 from odc.geo.geobox import GeoBox
 
-from clc_dask.classes import NODATA_CODE, ClassTable
+from clc_dask.classes import NODATA_CODE, ClassTable, colormap
 from clc_dask.cluster import GPU_RESOURCE, has_gpu_workers
 from clc_dask.errors import CheckpointError, ConfigError, InputError, OutputError
 from clc_dask.grid import DEFAULT_TILE_SIZE, TileGrid
@@ -595,8 +595,6 @@ def write_prediction(
         overwrite: replace an existing file.
         level: CLC level of the codes (default: the map's ``clc_level`` attribute, else 2).
     """
-    from clc_dask.classes import colormap
-
     level = int(level or class_map.attrs.get("clc_level", 2))
     tags = {k: str(v) for k, v in class_map.attrs.items()
             if k in ("clc_level", "class_codes", "encoder", "checkpoint_sha256", "halo_px", "window_px")}

@@ -46,7 +46,8 @@ from clc_dask.config import (
     format_validation_error,
 )
 from clc_dask.errors import ConfigError
-from clc_dask.train import TrainConfig
+from clc_dask.presets import get_preset
+from clc_dask.train import TrainConfig, make_train_config
 
 #: ``grid: paper`` — the paper's Table 2, in its order.
 PAPER_GRID = ("sept-rgb-r50-256", "sept-rgb-r101-256", "sept-nrg-r101-256", "septapr-nrg-r101-256",
@@ -276,7 +277,6 @@ def resolve_configurations(config: ExperimentConfig) -> list[Configuration]:
         ConfigError: an unknown preset or grid, an invalid override, a configuration of another
             CLC level than the experiment, or two configurations with one name.
     """
-    from clc_dask.presets import get_preset
 
     entries: list[tuple[str, ConfigurationEntry]] = []
     if config.grid is not None:
@@ -302,7 +302,6 @@ def resolve_configurations(config: ExperimentConfig) -> list[Configuration]:
 
 
 def _override(train: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
-    from clc_dask.train import make_train_config
 
     unknown = sorted(set(overrides) - set(TrainConfig.model_fields))
     if unknown:

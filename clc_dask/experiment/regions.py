@@ -19,12 +19,17 @@ from typing import Any
 
 import xarray as xr
 from odc.geo.geobox import GeoBox
+from odc.geo.geom import Geometry
 
 from clc_dask.errors import ConfigError, InputError
 from clc_dask.experiment.config import Configuration, RegionConfig
-from clc_dask.grid import assert_same_grid
+from clc_dask.grid import assert_same_grid, geobox_for_aoi, lonlat_box
 from clc_dask.items import COMPOSITES
+from clc_dask.labels import make_labels, write_labels
+from clc_dask.mosaic import make_mosaic, mosaic_paths, write_mosaic
+from clc_dask.patches import find_clear_count
 from clc_dask.rasters import geobox_of, open_raster
+from clc_dask.search import read_aoi
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +103,6 @@ def open_region(name: str, config: RegionConfig) -> Region:
 
 
 def _clear_counts(config: RegionConfig, mosaics: Mapping[str, Path]) -> dict[str, Path]:
-    from clc_dask.patches import find_clear_count
 
     if config.clear_counts is not None:
         unknown = sorted(set(config.clear_counts) - set(mosaics))
@@ -174,12 +178,7 @@ def build_region(name: str, config: RegionConfig, folder: str | os.PathLike[str]
     Raises:
         SearchError, InputError: no scenes, unreadable sources.
     """
-    from odc.geo.geom import Geometry
 
-    from clc_dask.grid import geobox_for_aoi, lonlat_box
-    from clc_dask.labels import make_labels, write_labels
-    from clc_dask.mosaic import mosaic_paths
-    from clc_dask.search import read_aoi
 
     assert config.aoi is not None and config.grid is not None and config.imagery is not None
     assert config.clc is not None
@@ -207,7 +206,6 @@ def build_region(name: str, config: RegionConfig, folder: str | os.PathLike[str]
 
 def _build_mosaic(config: RegionConfig, season: str, area: Any, geobox: GeoBox, out: Path,
                   chunk_size: int) -> None:
-    from clc_dask.mosaic import make_mosaic, write_mosaic
 
     imagery = config.imagery
     assert imagery is not None

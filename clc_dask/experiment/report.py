@@ -37,12 +37,14 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 from clc_dask.evaluate import read_report, write_report
+from clc_dask.experiment.scoring import masked_window
 from clc_dask.experiment.stats import (
     SUMMARY_METRICS,
     BlockCounts,
     block_bootstrap,
     paired_comparison,
 )
+from clc_dask.rasters import open_raster, to_dataarray
 from clc_dask.report import maps_figure, paper_table
 from clc_dask.stores import atomic_path
 
@@ -255,9 +257,6 @@ def split_figure(split: Split, path: str | os.PathLike[str], title: str | None =
 def test_maps_figure(prepared: PreparedExperiment, area_name: str, maps: Mapping[str, str | os.PathLike[str]],
                      path: str | os.PathLike[str], title: str | None = None) -> Path:
     """Reference and class maps of the test area side by side (``maps``: panel title → test map)."""
-    from clc_dask.experiment.scoring import masked_window
-    from clc_dask.rasters import open_raster, to_dataarray
-
     area = next(a for a in prepared.areas if a.name == area_name)
     labels = prepared.regions[area.region].open_labels(area.block_size)
     reference = to_dataarray(masked_window(area, labels.data, labels.dtype), area.window_geobox())

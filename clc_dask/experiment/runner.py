@@ -45,7 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from clc_dask.errors import ConfigError, OutputError
+from clc_dask.cluster import GPU_RESOURCE, connect, has_gpu_workers
+from clc_dask.errors import ConfigError, InputError, OutputError
+from clc_dask.evaluate import read_report, write_report
 from clc_dask.experiment.config import (
     Configuration,
     ExperimentConfig,
@@ -61,10 +63,14 @@ from clc_dask.experiment.regions import (
     open_region,
     planned_bands,
 )
+from clc_dask.experiment.report import write_results
 from clc_dask.experiment.scoring import TestArea, computing_with, predict_test_area, score_test_area
 from clc_dask.experiment.split import Split, block_label_counts, make_split
 from clc_dask.grid import TileGrid
-from clc_dask.stores import atomic_path
+from clc_dask.model import load_checkpoint, receptive_field
+from clc_dask.patches import CACHE_STORE, build_patch_index, cache_patches, load_patch_index
+from clc_dask.stores import atomic_path, file_sha256
+from clc_dask.train import CHECKPOINT_FILE, RESUMABLE_CHANGES, make_train_config, train
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +148,6 @@ def check_experiment(config: ExperimentConfig) -> CheckedExperiment:
             seasons or bands have no mosaic, transfer tiles not made of whole blocks.
         InputError, GridMismatchError: missing or misaligned region files.
     """
-    from clc_dask.model import receptive_field
-
     configurations = resolve_configurations(config)
     check_split_areas(config.split)
     test_seasons = tuple(config.evaluation.seasons or (configurations[0].train.seasons[0],))
@@ -259,8 +263,6 @@ def _transfer_blocks(region: Region, tiles: Sequence[str] | None, tile_size: int
     Raises:
         InputError: a tile (or the region) holds no labelled pixel.
     """
-    from clc_dask.errors import InputError
-
     counts = block_label_counts(region.open_labels(block_size), block_size, level, client)
     labelled = counts[..., :-1].sum(axis=-1) > 0
     windows = {"": (slice(0, labelled.shape[0]), slice(0, labelled.shape[1]))}
@@ -322,8 +324,6 @@ def patch_index_for(prepared: PreparedExperiment, configuration: Configuration, 
     Raises:
         ConfigError: no usable training or validation patch for this configuration.
     """
-    from clc_dask.patches import CACHE_STORE, build_patch_index, cache_patches, load_patch_index
-
     train = configuration.train
     folder = prepared.layout.patches(configuration.name)
     region = prepared.regions[prepared.config.training_region]
@@ -363,10 +363,6 @@ def check_resumable(prepared: PreparedExperiment, configuration: Configuration, 
     Raises:
         ConfigError: naming the configuration and what changed.
     """
-    from clc_dask.model import load_checkpoint
-    from clc_dask.patches import load_patch_index
-    from clc_dask.train import CHECKPOINT_FILE, RESUMABLE_CHANGES
-
     checkpoint = prepared.layout.train(configuration.name) / CHECKPOINT_FILE
     if not checkpoint.is_file():
         return
@@ -396,10 +392,6 @@ def train_configuration(name: str, settings: Mapping[str, Any], index_dir: str, 
         ``name``, ``resumed_from_epoch``, ``epochs_run``, ``best_epoch``, ``best_val_miou``,
         ``checkpoint``, ``best_checkpoint``, ``seconds``.
     """
-    from clc_dask.model import load_checkpoint
-    from clc_dask.patches import load_patch_index
-    from clc_dask.train import CHECKPOINT_FILE, make_train_config, train
-
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -476,7 +468,6 @@ def _run_trainings(prepared: PreparedExperiment, indices: Mapping[str, Path], cl
         return
     from distributed import as_completed
 
-    from clc_dask.cluster import GPU_RESOURCE, has_gpu_workers
 
     by_key = {}
     if has_gpu_workers(client):
@@ -526,9 +517,6 @@ def score_configuration(prepared: PreparedExperiment, configuration: Configurati
     Returns:
         Test area name → its ``evaluation.json``.
     """
-    from clc_dask.evaluate import read_report, write_report
-    from clc_dask.model import file_sha256
-
     sha = file_sha256(checkpoint)
     settings = prepared.config.evaluation.model_dump(mode="json", exclude={"seasons"})
     written = {}
@@ -576,8 +564,6 @@ def experiment_client(config: ExperimentConfig, scheduler: str | None = None, *,
     ``DASK_SCHEDULER_ADDRESS``) connects to a running scheduler; ``threads`` yields None (the
     configurations train one after the other in this process).
     """
-    from clc_dask.cluster import connect
-
     cluster = config.cluster
     address = scheduler or cluster.address
     kind = {"local": "local", "cuda": "cuda", "threads": "threads", "address": "threads"}[cluster.kind]
@@ -629,8 +615,6 @@ def run_experiment(
         ConfigError, InputError, GridMismatchError: bad settings or inputs, before any training.
         OutputError: the folder holds another experiment or another process runs it.
     """
-    from clc_dask.experiment.report import write_results
-
     started = time.perf_counter()
     if not isinstance(config, ExperimentConfig):
         config = load_experiment_config(config)

@@ -25,9 +25,11 @@ import numpy as np
 from odc.geo.geobox import GeoBox
 
 from clc_dask.classes import NODATA_CODE
+from clc_dask.evaluate import evaluate
 from clc_dask.experiment.config import EvaluationConfig
 from clc_dask.experiment.regions import Region
 from clc_dask.grid import TileGrid
+from clc_dask.predict import predict, write_prediction
 from clc_dask.rasters import open_raster, to_dataarray
 
 log = logging.getLogger(__name__)
@@ -109,8 +111,6 @@ def predict_test_area(area: TestArea, region: Region, checkpoint: str | os.PathL
     Returns:
         The written class map (on :meth:`TestArea.window_geobox`).
     """
-    from clc_dask.predict import predict, write_prediction
-
     chunk = prediction_chunk(area.block_size, settings.window)
     mosaic = region.open_mosaic(area.season, chunks=chunk)
     class_map = predict(mosaic, checkpoint, halo=settings.halo, window=settings.window,
@@ -132,8 +132,6 @@ def score_test_area(area: TestArea, region: Region, prediction: str | os.PathLik
         The :func:`~clc_dask.evaluate.evaluate` report of the test blocks, with ``tiles`` keyed
         by the blocks' names on the region's grid (pixel slices on that grid too).
     """
-    from clc_dask.evaluate import evaluate
-
     ys, xs = area.window()
     chunk = area.block_size
     labels = region.open_labels(chunks=chunk)
