@@ -35,6 +35,7 @@ from matplotlib.patches import Patch, Rectangle
 
 from clc_dask.classes import label_of, official_codes
 from clc_dask.cluster import get_client
+from clc_dask.demo.training import demo_guard
 from clc_dask.grid import assert_same_grid
 from clc_dask.labels import make_labels, write_labels
 from clc_dask.patches import load_patch_index
@@ -62,11 +63,12 @@ display(client)
 
 # %%
 region, paths = open_demo(WORKDIR, SIZE, SEED)
-config = get_preset(PRESET)
+config = get_preset(PRESET, guard=demo_guard(SIZE))
 mosaics = {season: ensure_mosaic(region, paths, season, CHUNK_SIZE) for season in config.seasons}
 print(f"{PRESET}: {DESCRIPTIONS[PRESET]}")
 print(f"seasons {list(config.seasons)}, bands {list(config.bands)}, patches of {config.patch_size} px, "
-      f"split blocks of {config.split_block}x{config.split_block} patches, val share {config.val_fraction}")
+      f"validation: a strip along the {config.val_side} side holding {config.val_fraction:.0%} of the patches, "
+      f"behind a guard band of {config.guard_patches} patch(es)")
 
 # %% [markdown]
 # ## CLC labels on the mosaic grid

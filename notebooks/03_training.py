@@ -36,6 +36,7 @@ from IPython.display import display
 
 from clc_dask.classes import rgb_of
 from clc_dask.cluster import get_client
+from clc_dask.demo.training import demo_guard
 from clc_dask.model import load_checkpoint
 from clc_dask.presets import get_preset
 from clc_dask.train import METRICS_CSV, train
@@ -61,7 +62,7 @@ display(client)
 # %%
 region, paths = open_demo(WORKDIR, SIZE, SEED)
 index = ensure_patch_index(region, paths, client, CHUNK_SIZE)
-config = get_preset(PRESET, epochs=EPOCHS)
+config = get_preset(PRESET, epochs=EPOCHS, guard=demo_guard(SIZE))
 display(pd.Series(config.model_dump(), name=PRESET).to_frame())
 
 # %% [markdown]

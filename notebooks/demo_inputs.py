@@ -29,6 +29,7 @@ from matplotlib.patches import Patch
 
 from clc_dask.classes import colormap, label_of
 from clc_dask.demo import DemoRegion, build_region
+from clc_dask.demo.training import demo_guard
 from clc_dask.labels import make_labels, write_labels
 from clc_dask.mosaic import make_mosaic, mosaic_paths, write_mosaic
 from clc_dask.patches import PatchIndex, load_patch_index
@@ -144,7 +145,7 @@ def ensure_patch_index(region: DemoRegion, paths: DemoPaths, client: Any = None,
     """The :data:`PRESET` patch index saved in ``paths.patches``, built if missing."""
     if (paths.patches / "patch_index.json").exists():
         return load_patch_index(paths.patches)
-    config = get_preset(PRESET)
+    config = get_preset(PRESET, guard=demo_guard(region.size))
     mosaics = {s: ensure_mosaic(region, paths, s, chunk_size) for s in config.seasons}
     labels = ensure_labels(region, paths, chunk_size)
     index = index_for_config(config, mosaics, labels,
@@ -159,7 +160,8 @@ def ensure_checkpoint(region: DemoRegion, paths: DemoPaths, epochs: int, client:
     if paths.checkpoint.exists():
         return paths.checkpoint
     index = ensure_patch_index(region, paths, client, chunk_size)
-    train(get_preset(PRESET, epochs=epochs), index, paths.train, client=client, progress=False)
+    train(get_preset(PRESET, epochs=epochs, guard=demo_guard(region.size)), index, paths.train, client=client,
+          progress=False)
     return paths.checkpoint
 
 

@@ -31,7 +31,7 @@ import yaml
 
 from clc_dask.cluster import connect
 from clc_dask.config import parse_run_config
-from clc_dask.demo.training import train_demo
+from clc_dask.demo.training import demo_guard, train_demo
 from clc_dask.evaluate import evaluate, write_report
 from clc_dask.generalize import fixed_gpkg_date, generalize_file
 from clc_dask.labels import make_labels, write_labels
@@ -68,10 +68,6 @@ def _folders(ctx: DemoContext) -> dict[str, Path]:
         "mosaics": w / "mosaics", "labels": w / "labels", "model": w / "model", "maps": w / "maps",
         "evaluation": w / "evaluation", "run": w / "run",
     }
-
-
-#: Smallest demo region (px) whose training area holds validation behind a guard band.
-MIN_GUARDED_SIZE = 2048
 
 
 def held_out_rows(size: int) -> slice:
@@ -117,18 +113,11 @@ def step_train(ctx: DemoContext) -> dict[str, Any]:
     """Train the CPU demo preset on the region outside the held-out strip.
 
     Validation is the strip just north of the held-out one, behind a guard band of the
-    network's receptive field (regions under :data:`MIN_GUARDED_SIZE` px have no room for one
-    and validate without it)."""
+    network's receptive field (:func:`~clc_dask.demo.training.demo_guard`)."""
     paths = ctx.outputs
     mosaics = {DEMO_SEASON: paths["mosaics"][DEMO_SEASON]}
-    guard = None
-    if ctx.size < MIN_GUARDED_SIZE:
-        log.warning("the %d px demo region is too small for a guard band of the network's receptive field "
-                    "around validation (from %d px): validating without one, scores are optimistic",
-                    ctx.size, MIN_GUARDED_SIZE)
-        guard = 0
     result = train_demo(mosaics, paths["train_labels"], _folders(ctx)["model"], client=_client(ctx),
-                        progress=False, epochs=ctx.epochs, guard=guard)
+                        progress=False, epochs=ctx.epochs, guard=demo_guard(ctx.size))
     checkpoint = result.best_checkpoint or result.checkpoint
     paths["checkpoint"] = str(checkpoint)
     return {"epochs": result.epochs_run, "best_val_miou": round(float(result.best_val_miou or 0), 3),

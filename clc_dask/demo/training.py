@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,6 +11,24 @@ from typing import Any
 from clc_dask.patches import Source
 from clc_dask.presets import get_preset
 from clc_dask.train import TrainResult, train_from_mosaics
+
+log = logging.getLogger(__name__)
+
+#: Smallest demo region (px) whose training area (north of the held-out quarter) holds the
+#: ``cpu-demo`` validation strip behind a guard band of its network's receptive field (576 px).
+MIN_GUARDED_SIZE = 2048
+
+
+def demo_guard(size: int) -> int | None:
+    """The guard band a ``size`` px demo region trains with: the preset's (``auto``, the
+    receptive field) from :data:`MIN_GUARDED_SIZE` px, else 0 — a smaller region has no room for
+    one, and its validation scores are optimistic (logged)."""
+    if size >= MIN_GUARDED_SIZE:
+        return None
+    log.warning("the %d px demo region is too small for a guard band of the network's receptive field "
+                "around validation (from %d px): validating without one, scores are optimistic",
+                size, MIN_GUARDED_SIZE)
+    return 0
 
 
 def train_demo(
