@@ -13,6 +13,21 @@ from real_data import DATA, require_files
 # Helpers whose asserts report like a test's own (they check what tests hand them).
 pytest.register_assert_rewrite("deploy_support")
 
+#: Test modules that run first (the longest), so that with ``-n 2`` the rest runs beside them.
+FIRST = ("test_demo_accuracy.py",)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist (``-n 2 --dist loadgroup``, the README's command) each test module runs
+    on one worker, so its module and session fixtures are built once there; ``tests/faults``
+    shares its reference run across modules and runs as one group. The longest module starts first."""
+    for item in items:
+        path = Path(str(item.fspath))
+        group = "faults" if path.parent.name == "faults" else path.stem
+        item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: Path(str(item.fspath)).name not in FIRST)
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

@@ -1,13 +1,14 @@
 """The default demo region, end to end: the accuracy users are promised, and the outputs' bytes.
 
-``clc-dask demo`` (4096 × 4096 px, seed 0) with the ``cpu-demo`` preset must reach a validation
-mIoU ≥ 0.75 over the Level-2 classes present, and its map of the held-out southern quarter —
-never seen in training — a mIoU ≥ 0.75 against the CLC reference. Every output of the demo —
+``clc-dask demo`` (4096 × 4096 px, seed 0) with the ``cpu-demo`` preset validates on the strip
+north of the held-out southern quarter, behind a guard band of the network's receptive field,
+and its map of the held-out quarter — never seen in training — must reach a mIoU ≥ 0.75 against
+the CLC reference. Every output of the demo —
 mosaics, labels, maps, generalized map and the production run's tiles — must keep the SHA-256
 recorded in ``tests/demo_outputs.json``: the mosaics and labels everywhere, the outputs of
 the trained network for the numerics they were recorded with (the CPU's vector unit and whether
-it trains in bfloat16). This is the longest test of the suite (about 9 minutes on 2 cores:
-region 1 min, mosaics 1 min, training 6 min, prediction, scoring, generalization and the run
+it trains in bfloat16). This is the longest test of the suite (about 15 minutes on 2 cores in float32:
+region 1 min, mosaics 1 min, training 10 min, prediction, scoring, generalization and the run
 1.5 min); the step timings are printed for the record, never asserted.
 """
 
@@ -27,9 +28,10 @@ from clc_dask.presets import PRESETS
 from clc_dask.rasters import open_raster
 
 TARGET_MIOU = 0.75
-#: Validation behind the guard band is harder than the held-out quarter (it holds the demo's
-#: marshes, which training sees little of): measured VAL_MEASURED on this region.
-VAL_MIOU = 0.0
+#: Validation behind a guard band of the receptive field is harder than the held-out quarter (its
+#: strip holds most of the demo's marshes and water bodies, which training sees little of):
+#: 0.651 measured on this region with float32 training.
+VAL_MIOU = 0.6
 #: The module's fixture builds and trains the whole demo (~7.5 min here; a CPU without native
 #: bfloat16 trains in float32, about twice as long): more than the suite's per-test default.
 pytestmark = pytest.mark.timeout(2400)
