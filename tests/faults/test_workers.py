@@ -79,9 +79,15 @@ def items(demo_region):
     return search_items(str(demo_region.catalog_path), season="september", years=[2018], max_cloud=80)
 
 
+def _computing_on(client):
+    """Compute on ``client`` (made the current client, not put into dask's config: a nanny
+    restarting a killed worker pickles the config for the new process), else on threads."""
+    return client.as_current() if client is not None else dask.config.set(scheduler="threads")
+
+
 def _mosaic(items, region, out, client=None):
     scenes = load_scenes(list(items), region.geobox, bands=composite_bands("nrg"), chunksize=128)
-    with dask.config.set(scheduler=client or "threads"):
+    with _computing_on(client):
         return write_mosaic(seasonal_mosaic(scenes, "nrg"), out)
 
 
@@ -100,7 +106,7 @@ def test_worker_killed_during_mosaic(client, items, demo_region, clean_mosaic, t
 def test_worker_killed_during_predict(client, clean_mosaic, run_root, tmp_path):
     options = dict(halo=32, window=128, batch_size=4, device="cpu", chunk_size=128)
     expected = predict_to_file(clean_mosaic[0], run_root / "model.pt", tmp_path / "threads.tif", **options)
-    with busy_worker_killed(client), dask.config.set(scheduler=client):
+    with busy_worker_killed(client), _computing_on(client):
         got = predict_to_file(clean_mosaic[0], run_root / "model.pt", tmp_path / "cluster.tif", client, **options)
     np.testing.assert_array_equal(_pixels(got), _pixels(expected))
 
