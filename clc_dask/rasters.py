@@ -95,9 +95,13 @@ def reading(path: str | os.PathLike[str], what: str = "raster") -> Iterator[None
     except ClcDaskError:
         raise
     except Exception as exc:
-        text = str(exc)
-        if str(path) not in text and Path(path).name not in text:
+        chain, cause = [], exc  # GDAL names the file in the error a "Read failed" was raised from
+        while cause is not None and len(chain) < 8:
+            chain.append(str(cause))
+            cause = cause.__cause__ or cause.__context__
+        if not any(str(path) in text or Path(path).name in text for text in chain):
             raise
+        text = next(t for t in chain if str(path) in t or Path(path).name in t)
         raise InputError(
             f"Cannot read the {what} {path}: {text.strip()}. The file is damaged or cut short (e.g. a "
             "copy that did not finish): write it again, or check the disk it is on."

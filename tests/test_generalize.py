@@ -507,7 +507,7 @@ def test_cli_refuses_bad_input_before_writing(tmp_path):
     runner = CliRunner()
     base = ["generalize", "--out", str(tmp_path / "out" / "gen.tif")]
     cases = [
-        ([*base, "--input", str(tmp_path / "classes.tif"), "--mmu-ha", "-5"], ConfigError, "mmu_ha"),
+        ([*base, "--input", str(tmp_path / "classes.tif"), "--mmu-ha", "-5"], ConfigError, "--mmu-ha"),
         ([*base, "--input", str(tmp_path / "classes.tif"), "--connectivity", "6"], ConfigError, "connectivity"),
         ([*base, "--input", str(tmp_path / "two.tif")], InputError, "2 bands"),
         ([*base, "--input", str(tmp_path / "float.tif")], InputError, "integer"),

@@ -35,7 +35,7 @@ from odc.geo.xr import xr_coords
 
 from clc_dask.errors import ConfigError, OutputError
 from clc_dask.grid import Tile, TileGrid
-from clc_dask.stores import ZARR_FORMAT, atomic_path, remove_leftovers, write_zarr
+from clc_dask.stores import ZARR_FORMAT, atomic_path, fsync_directory, remove_leftovers, write_zarr
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,9 @@ def write_zarr_tile(path: Path, tile: Tile, tile_size: int, arrays: Mapping[str,
                 )
             array[ys, xs] = values
             index = (ys.start // tile_size, xs.start // tile_size)
-            files[f"zarr:{name}"] = path / name / array.metadata.encode_chunk_key(index)
+            chunk = path / name / array.metadata.encode_chunk_key(index)
+            fsync_directory(chunk.parent)  # Zarr renames the chunk file into place: keep its entry
+            files[f"zarr:{name}"] = chunk
     return files
 
 
