@@ -153,8 +153,23 @@ def write_geotiff(
             rasterio.shutil.copy(plain, tmp, driver="COG", **COG_OPTIONS,
                                  RESAMPLING="NEAREST" if colormap is not None else "AVERAGE")
             plain.unlink()
+        _check_complete(tmp)
     log.info("wrote %s (%d×%d px, %d band(s))", path, gbox.shape.y, gbox.shape.x, data.shape[0])
     return path
+
+
+def _check_complete(path: Path) -> None:
+    """Read the last block of every band of a file just written: GDAL does not always report
+    a write cut short (a full disk, a file-size limit), and such a file must never be kept."""
+    try:
+        with rasterio.open(path) as src:
+            height, width = src.block_shapes[0]
+            window = Window((src.width - 1) // width * width, (src.height - 1) // height * height,
+                            min(width, src.width - (src.width - 1) // width * width),
+                            min(height, src.height - (src.height - 1) // height * height))
+            src.read(window=window)
+    except rasterio.errors.RasterioError as exc:
+        raise OSError(f"{path} was not written completely: {exc}") from exc
 
 
 def _write_blocks(dst: rasterio.io.DatasetWriter, data: np.ndarray | da.Array) -> None:
