@@ -180,11 +180,12 @@ show_progress(manifest, f"After --resume: {len(manifest.tiles)}/{len(all_tiles)}
 
 # %%
 print(json.dumps({k: (v[:16] + "…" if isinstance(v, str) and len(v) > 40 else v)
-                  for k, v in json.loads(manifest.path.read_text()).items() if k != "tiles"}, indent=1))
+                  for k, v in json.loads(manifest.path.read_text()).items() if k not in ("tiles", "generalized")}, indent=1))
 display(pd.DataFrame([{
     "tile": name, "finished": entry["finished"], "files": len(entry["files"]),
     "MB": round(sum(f["bytes"] for f in entry["files"].values()) / 1e6, 3),
-    "generalized sha256": entry["files"][entry["assets"]["generalized"]]["sha256"][:12] + "…",
+    "classes sha256": entry["files"][entry["assets"]["classes"]]["sha256"][:12] + "…",
+    "generalized sha256": next(iter(manifest.generalized[name]["files"].values()))["sha256"][:12] + "…",
     "scenes": len(entry.get("clc_dask:input_items", [])),
 } for name, entry in sorted(manifest.tiles.items())]))
 

@@ -293,7 +293,7 @@ def test_05_production_run(run, workdir, scheduler, monkeypatch):
         tile = item["properties"]["clc_dask:tile"]
         asset = (store / "stac" / link["href"]).resolve().parent / item["assets"]["generalized"]["href"]
         assert asset.resolve() == (store / "tiles" / tile / "generalized.tif").resolve()
-        sha = manifest["tiles"][tile]["files"][f"tiles/{tile}/generalized.tif"]["sha256"]
+        sha = manifest["generalized"][tile]["files"][f"tiles/{tile}/generalized.tif"]["sha256"]
         assert item["assets"]["generalized"]["file:checksum"] == "1220" + sha
     assert out["opened_item_shape"] == [256, 256]
 
