@@ -69,7 +69,7 @@ from clc_dask.experiment.split import Split, block_label_counts, make_split
 from clc_dask.grid import TileGrid
 from clc_dask.model import load_checkpoint, receptive_field
 from clc_dask.patches import CACHE_STORE, build_patch_index, cache_patches, load_patch_index
-from clc_dask.stores import atomic_path, file_sha256
+from clc_dask.stores import atomic_path, file_sha256, remove_leftovers
 from clc_dask.train import CHECKPOINT_FILE, RESUMABLE_CHANGES, make_train_config, train
 
 log = logging.getLogger(__name__)
@@ -623,6 +623,8 @@ def run_experiment(
     layout = ExperimentLayout(root)
     prepared = prepare_experiment(checked, layout, client)  # writes only regions it builds
     with _folder_lock(root):
+        for leftover in remove_leftovers(root):  # of a killed experiment: no one else writes here now
+            log.info("removed %s, left by an interrupted experiment", leftover)
         write_record(prepared)
         indices = {c.name: patch_index_for(prepared, c, client) for c in prepared.configurations}
         for configuration in prepared.configurations:
