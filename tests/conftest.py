@@ -19,7 +19,7 @@ FIRST = ("test_demo_accuracy.py",)
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """With pytest-xdist (``-n 2 --dist loadgroup``, the README's command) each test module runs
+    """With pytest-xdist (``-n 2 --dist loadgroup --no-loadscope-reorder``, the README's command) each test module runs
     on one worker, so its module and session fixtures are built once there; ``tests/faults``
     shares its reference run across modules and runs as one group. The longest module starts first."""
     for item in items:
