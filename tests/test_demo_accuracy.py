@@ -151,9 +151,13 @@ def test_demo_outputs_keep_their_recorded_bytes(demo):
              for rel in EXACT_OUTPUTS + MODEL_OUTPUTS}
     print(f"\ndemo output SHA-256 (numerics {numerics()}):", json.dumps(found, indent=1))
     assert {rel: found[rel] for rel in EXACT_OUTPUTS} == recorded["exact"]
+    # per numerics, the byte-identical results recorded: the first from this test (the suite's
+    # process, its threads), the second from `clc-dask demo` on the same machine, whose prediction
+    # workers sum in another thread layout (a few class pixels at near-ties; the generalized map
+    # and the run's polygons are the same bytes in both)
     by_numerics = recorded["model"].get(numerics())
     if by_numerics is not None:
-        assert {rel: found[rel] for rel in MODEL_OUTPUTS} == by_numerics
+        assert {rel: found[rel] for rel in MODEL_OUTPUTS} in by_numerics
 
 
 def test_demo_run_is_generalized_as_one_map(demo):
