@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import threading
 from collections.abc import Iterator, Sequence
 from types import FrameType
 
@@ -52,6 +54,20 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+#: Functions whose exceptions Python prints and drops (finalizers, garbage-collector callbacks).
+_UNRAISABLE_FUNCTIONS = frozenset({"__del__", "_gc_callback"})
+
+
+def _unraisable(frame: FrameType | None) -> bool:
+    """True if ``frame`` (where a signal interrupted the main thread) runs a finalizer or a
+    garbage-collector callback, where a raised :class:`Stopped` would be lost."""
+    while frame is not None:
+        if frame.f_code.co_name in _UNRAISABLE_FUNCTIONS or frame.f_code.co_filename.endswith("weakref.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 @contextlib.contextmanager
 def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[list[int]]:
     """Raise :class:`Stopped` in the main thread on the first of ``signals``; ignore later ones.
@@ -62,6 +78,9 @@ def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[list[int]
     received: list[int] = []
 
     def handler(signum: int, frame: FrameType | None) -> None:
+        if _unraisable(frame):  # an exception raised here would be printed and dropped: ask again
+            threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
+            return
         received.append(signum)
         if len(received) > 1:  # already stopping: let the cleanup finish
             log.warning("%s received while stopping: still releasing what this command started",

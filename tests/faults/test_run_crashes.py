@@ -231,7 +231,7 @@ def test_scheduler_killed_mid_run_is_a_clear_error_then_resume_completes(run_roo
     worker = None
     try:
         address = wait_for(lambda: _scheduler_address(scheduler_log), scheduler, scheduler_log,
-                           what="the scheduler")
+                           timeout=600, what="the scheduler")
         with open(worker_log, "wb") as out:
             worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
                                        "--no-dashboard", "--death-timeout", "20"], stdout=out,
