@@ -501,3 +501,22 @@ def test_guard_band_that_leaves_no_training_area_is_a_clear_error(tmp_path, scen
                             "--labels", labels, "--guard", "wide", "--out", tmp_path / "idx")
     assert code == 1 and "--guard 'wide' is not a number of patches or auto" in err
     assert not (tmp_path / "idx").exists()
+
+
+def test_unguarded_block_split_is_warned_about_a_given_split_is_not(scene, index, caplog):
+    """Training on a block split narrower than the receptive field warns that validation is
+    optimistic; a given split (an experiment's, with its own guard bands) is not second-guessed."""
+    from clc_dask.train import check_index, config_for_index
+
+    _, mosaics, labels = scene
+    config = config_for_index(index, encoder="resnet18")
+    with caplog.at_level("WARNING", logger="clc_dask.train.config"):
+        check_index(config, index)
+    assert "guard band (0 px) is narrower than the receptive field of resnet18 (576 px)" in caplog.text
+    split_map = np.where(np.arange(8)[:, None] < 6, "train", "val").repeat(8, axis=1)
+    given = build_patch_index(mosaics, labels, patch_size=32, bands="nrg", split_map=split_map)
+    assert given.settings["split"] == "given"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="clc_dask.train.config"):
+        check_index(config_for_index(given, encoder="resnet18"), given)
+    assert "narrower than the receptive field" not in caplog.text

@@ -15,6 +15,7 @@ uninterrupted run (``reference_run``), or stops with a clear error first.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -224,14 +225,16 @@ def test_scheduler_killed_mid_run_is_a_clear_error_then_resume_completes(run_roo
                                                                         tmp_path):
 
     scheduler_log, worker_log = tmp_path / "scheduler.log", tmp_path / "worker.log"
+    scheduler_file = tmp_path / "scheduler.json"  # the address, whatever the inherited log level
     with open(scheduler_log, "wb") as out:
         scheduler = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                                      "--port", "0", "--dashboard-address", ":0"], stdout=out,
+                                      "--port", "0", "--dashboard-address", ":0",
+                                      "--scheduler-file", str(scheduler_file)], stdout=out,
                                      stderr=subprocess.STDOUT, start_new_session=True)
     worker = None
     try:
-        address = wait_for(lambda: _scheduler_address(scheduler_log), scheduler, scheduler_log,
-                           timeout=600, what="the scheduler")
+        address = wait_for(lambda: _scheduler_address(scheduler_file), scheduler, scheduler_log,
+                           timeout=240, what="the scheduler")
         with open(worker_log, "wb") as out:
             worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
                                        "--no-dashboard", "--death-timeout", "20"], stdout=out,
@@ -259,9 +262,10 @@ def test_scheduler_killed_mid_run_is_a_clear_error_then_resume_completes(run_roo
     assert_same_outputs(store, reference_run.store)
 
 
-def _scheduler_address(log: Path) -> str | None:
-    import re
-
-    found = re.search(r"Scheduler at:\s+(tcp://\S+)", log.read_text(errors="replace")) if log.exists() else None
-    return found[1] if found else None
+def _scheduler_address(scheduler_file: Path) -> str | None:
+    """The address a scheduler wrote to its ``--scheduler-file`` (None until it is complete)."""
+    try:
+        return json.loads(scheduler_file.read_text())["address"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
 
