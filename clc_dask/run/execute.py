@@ -106,6 +106,11 @@ def execute(ctx: RunContext, plan: RunPlan, *, client: Any = None,
         generalized: list[str] = []
         if ctx.config.generalize.enabled and not failed:
             generalized, failed = generalize_run(ctx, processor, client=client, in_flight=in_flight)
+        # a worker killed mid-write leaves its temporary file behind (its task ran again elsewhere)
+        stray = remove_leftovers(ctx.store)
+        if stray:
+            log.info("removed %d temporary file(s) of interrupted tasks: %s", len(stray),
+                     ", ".join(p.name for p in stray[:5]))
         collection = publish_run(ctx.config, ctx.manifest, ctx.grid)
         ctx.manifest.complete = not failed and _finished(ctx)
         ctx.manifest.save()
