@@ -164,10 +164,8 @@ def _check_complete(path: Path) -> None:
     try:
         with rasterio.open(path) as src:
             height, width = src.block_shapes[0]
-            window = Window((src.width - 1) // width * width, (src.height - 1) // height * height,
-                            min(width, src.width - (src.width - 1) // width * width),
-                            min(height, src.height - (src.height - 1) // height * height))
-            src.read(window=window)
+            row, col = (src.height - 1) // height * height, (src.width - 1) // width * width
+            src.read(window=Window(col, row, src.width - col, src.height - row))
     except rasterio.errors.RasterioError as exc:
         raise OSError(f"{path} was not written completely: {exc}") from exc
 

@@ -158,13 +158,12 @@ def output_digest(path: Path) -> str:
     carries it in a tag is digested as what it holds — pixels of every band and overview, grid,
     nodata, colour map, block layout and the other tags.
     """
-    data = path.read_bytes()
     if path.suffix != ".tif":
-        return hashlib.sha256(data).hexdigest()
+        return file_sha256(path)
     with rasterio.open(path) as src:
         tags = src.tags()
         if CHECKPOINT_TAG not in tags:
-            return hashlib.sha256(data).hexdigest()
+            return file_sha256(path)
         del tags[CHECKPOINT_TAG]
         digest = hashlib.sha256(json.dumps({
             "crs": src.crs.to_wkt(), "transform": list(src.transform), "shape": [src.count, src.height, src.width],

@@ -85,10 +85,7 @@ def execute(ctx: RunContext, plan: RunPlan, *, client: Any = None,
         OutputError: another process holds the store.
     """
     with store_lock(ctx.store):
-        removed = remove_leftovers(ctx.store)
-        if removed:
-            log.info("removed %d leftover(s) of an interrupted run: %s", len(removed),
-                     ", ".join(p.name for p in removed[:5]))
+        _remove_leftovers(ctx, "of an interrupted run")
         _start_store(ctx, plan)
         processor = TileProcessor(ctx, client=client)
         processor.prepare_store()
@@ -107,10 +104,7 @@ def execute(ctx: RunContext, plan: RunPlan, *, client: Any = None,
         if ctx.config.generalize.enabled and not failed:
             generalized, failed = generalize_run(ctx, processor, client=client, in_flight=in_flight)
         # a worker killed mid-write leaves its temporary file behind (its task ran again elsewhere)
-        stray = remove_leftovers(ctx.store)
-        if stray:
-            log.info("removed %d temporary file(s) of interrupted tasks: %s", len(stray),
-                     ", ".join(p.name for p in stray[:5]))
+        _remove_leftovers(ctx, "of tasks killed mid-write")
         collection = publish_run(ctx.config, ctx.manifest, ctx.grid)
         ctx.manifest.complete = not failed and _finished(ctx)
         ctx.manifest.save()
@@ -121,6 +115,13 @@ def execute(ctx: RunContext, plan: RunPlan, *, client: Any = None,
             "recorded and published: fix the cause and run again with `resume`."
         )
     return RunResult(ctx.store, computed, plan.skipped, collection, plan, failed, generalized)
+
+
+def _remove_leftovers(ctx: RunContext, whose: str) -> None:
+    """Remove the store's temporary files (the store lock is held: no one else writes there)."""
+    removed = remove_leftovers(ctx.store)
+    if removed:
+        log.info("removed %d leftover(s) %s: %s", len(removed), whose, ", ".join(p.name for p in removed[:5]))
 
 
 def _start_store(ctx: RunContext, plan: RunPlan) -> None:
