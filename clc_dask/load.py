@@ -11,7 +11,10 @@ A thin, opinionated wrapper around :func:`stackstac.stack`:
 * SCL (20 m) is read onto the same grid with nearest-neighbour resampling (class codes);
 * reprojection with GDAL's exact transformer, so a pixel never depends on the window read
   (GDAL's default approximation moves "nearest" picks with the window: tiles read one by
-  one would differ from the whole grid read at once);
+  one would differ from the whole grid read at once); a file whose pixels the grid shares
+  (same CRS, edges on the grid, e.g. 10 m bands and the 20 m SCL on a 10 m UTM grid of
+  their zone) is read directly, without the warper — the same pixels, at a fraction of
+  the cost;
 * a reader that retries transient read errors (after clearing GDAL's cache for the URL) and
   otherwise raises :class:`ReadError` naming the asset (URL without its query string) and
   the reason. Unlike stackstac's default, HTTP 404 is an error too: an asset the catalog
@@ -34,6 +37,7 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
@@ -48,6 +52,7 @@ from odc.geo.xr import xr_coords
 from rasterio.enums import Resampling
 from rasterio.io import DatasetReader
 from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
 from stackstac import LayeredEnv
 from stackstac.rio_reader import (
     MULTITHREADED_DRIVER_ALLOWLIST,
@@ -282,8 +287,8 @@ class RetryingReader(AutoParallelRioReader):
         return text
 
     def _open(self) -> Any:
-        """Open the asset (signed first) and, unless it is on the output grid already, a
-        warped view of it.
+        """Open the asset (signed first) and, unless the output grid is aligned on its pixels
+        (:func:`pixel_alignment`), a warped view of it.
 
         Replaces stackstac's ``_open`` to control how the warped view is made (exact
         transformer) and to sign the URL; errors are never turned into no data.
@@ -303,10 +308,9 @@ class RetryingReader(AutoParallelRioReader):
             if ds.crs is None:
                 ds.close()
                 raise RuntimeError(_NO_CRS)
-            if self.spec.vrt_params == {"crs": ds.crs.to_epsg(), "transform": ds.transform,
-                                        "height": ds.height, "width": ds.width}:
-                view = None
-            else:
+            alignment = pixel_alignment(ds, self.spec.vrt_params)
+            view = None
+            if alignment is None:
                 with _inner(self.gdal_env.open_vrt, opening):
                     view = self._warped(ds)
         # GeoTIFFs are read by several threads, each re-opening its own copy; others under a lock
@@ -317,7 +321,10 @@ class RetryingReader(AutoParallelRioReader):
             base, vrt = view, None
             ds.close()
         dataset = ThreadLocalRioDataset if threadsafe else SingleThreadedRioDataset
-        return dataset(self.gdal_env, base, vrt=vrt)
+        opened = dataset(self.gdal_env, base, vrt=vrt)
+        if alignment is None:
+            return opened
+        return AlignedWindowDataset(opened, alignment, (ds.height, ds.width))
 
     def _warped(self, ds: DatasetReader) -> Any:
         """``ds`` warped onto the output grid (nodata-less sources get an alpha band)."""
@@ -340,6 +347,93 @@ class RetryingReader(AutoParallelRioReader):
 
     def __setstate__(self, state: dict[str, Any]) -> None:  # type: ignore[override]
         self.__init__(**state)  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class PixelAlignment:
+    """How an output grid lies on a source's pixels (same CRS, no rotation, shared edges).
+
+    Attributes:
+        rows: output grid origin, in output pixels below the source's origin.
+        cols: output grid origin, in output pixels right of the source's origin.
+        factor: source pixel edge in output pixels (1: the same pixels; 2: a 20 m band on a
+            10 m grid).
+    """
+
+    rows: int
+    cols: int
+    factor: int
+
+
+def pixel_alignment(ds: DatasetReader, params: Mapping[str, Any]) -> PixelAlignment | None:
+    """The alignment of the output grid (stackstac's ``vrt_params``) on ``ds``'s pixels, or
+    None when it is not aligned (then the source is warped).
+
+    Aligned means: the same CRS, no rotation, a source pixel of a whole number of output
+    pixels, and the output origin on an output pixel edge counted from the source's origin.
+    Then every output pixel's centre lies strictly inside one source pixel, the one that
+    nearest-neighbour warping (exact or not) picks: it is read directly, without the warper.
+    """
+    src, dst = ds.transform, params["transform"]
+    if ds.crs is None or ds.crs.to_epsg() != params["crs"]:
+        return None
+    if src.b or src.d or dst.b or dst.d or src.a * dst.a <= 0 or src.e * dst.e <= 0:
+        return None
+    factor = src.a / dst.a
+    if round(factor) < 1 or abs(factor - round(factor)) > _ALIGNED * factor or \
+            abs(src.e / dst.e - factor) > _ALIGNED * factor:
+        return None
+    cols, rows = (dst.c - src.c) / dst.a, (dst.f - src.f) / dst.e
+    if abs(cols - round(cols)) > _ALIGNED * max(1.0, abs(cols)) or \
+            abs(rows - round(rows)) > _ALIGNED * max(1.0, abs(rows)):
+        return None
+    return PixelAlignment(round(rows), round(cols), round(factor))
+
+
+#: Relative difference under which pixel sizes and edges are taken as equal.
+_ALIGNED = 1e-9
+
+
+class AlignedWindowDataset:
+    """A source dataset read on an output grid aligned on its pixels (:class:`PixelAlignment`):
+    each output window is mapped to the source pixels under it, read directly, and repeated
+    ``factor`` times along both axes; what lies outside the source is masked (filled with no
+    data by the reader).
+
+    Args:
+        dataset: stackstac's thread-safe dataset of the source (thread-local copies).
+        alignment: where the output grid lies on the source's pixels.
+        shape: (height, width) of the source in pixels.
+    """
+
+    def __init__(self, dataset: Any, alignment: PixelAlignment, shape: tuple[int, int]) -> None:
+        self.dataset = dataset
+        self.alignment = alignment
+        self.shape = shape
+
+    def read(self, window: Window, **kwargs: Any) -> np.ma.MaskedArray:
+        """The masked (1, height, width) values of ``window`` (output grid pixels)."""
+        (top, bottom), (left, right) = window.toranges()
+        k, height, width = self.alignment.factor, int(bottom - top), int(right - left)
+        g_top, g_left = int(top) + self.alignment.rows, int(left) + self.alignment.cols  # output px from source origin
+        f0, f1 = max(g_top, 0), min(g_top + height, self.shape[0] * k)  # the part over the source
+        e0, e1 = max(g_left, 0), min(g_left + width, self.shape[1] * k)
+        if f0 >= f1 or e0 >= e1:
+            return np.ma.masked_all((1, height, width), dtype=kwargs.get("out_dtype") or np.uint16)
+        r0, c0 = f0 // k, e0 // k  # source pixels under them
+        r1, c1 = (f1 - 1) // k + 1, (e1 - 1) // k + 1
+        inside = self.dataset.read(Window(c0, r0, c1 - c0, r1 - r0), **kwargs)
+        if k > 1:
+            inside = inside.repeat(k, axis=1).repeat(k, axis=2)[:, f0 - r0 * k:f1 - r0 * k, e0 - c0 * k:e1 - c0 * k]
+        if (f0, f1, e0, e1) == (g_top, g_top + height, g_left, g_left + width):
+            return inside
+        out = np.ma.masked_all((inside.shape[0], height, width), dtype=inside.dtype)
+        out[:, f0 - g_top:f1 - g_top, e0 - g_left:e1 - g_left] = inside
+        return out
+
+    def close(self) -> None:
+        """Release the source (every thread's copy)."""
+        self.dataset.close()
 
 
 def _inner(env: Any, outer: Any) -> Any:

@@ -228,7 +228,7 @@ def seasonal_mosaic(
         passes, None,
         dtype=np.uint16,
         concatenate=True,
-        name="clear-median",
+        token="clear-median",
     )
     count = da.blockwise(
         _clear_count_block, "yx",
@@ -238,7 +238,7 @@ def seasonal_mosaic(
         passes, None,
         dtype=count_dtype,
         concatenate=True,
-        name="clear-count",
+        token="clear-count",
     )
     reflectance = to_dataarray(median, gbox, band_names=list(bands), name="reflectance", nodata=NODATA)
     reflectance.attrs.update(units="DN (surface reflectance × 10000)", composite=composite)
@@ -378,7 +378,9 @@ def _check_scenes(scenes: xr.DataArray, bands: Sequence[str]) -> None:
 
 def clear_mask(scl: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """True where an SCL value is a clear observation (not in ``classes``)."""
-    return ~np.isin(scl, classes)
+    clear = np.ones(max(int(scl.max(initial=0)), int(np.max(classes, initial=0))) + 1, dtype=bool)
+    clear[np.asarray(classes, dtype=np.intp)] = False
+    return clear[scl]  # a lookup table: several times faster than np.isin
 
 
 def median_of_clear(refl: np.ndarray, clear: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -397,7 +399,7 @@ def median_of_clear(refl: np.ndarray, clear: np.ndarray, offsets: np.ndarray) ->
     valid = clear & (refl != NODATA)
     work = np.where(refl > off, refl - off, np.uint16(1)).astype(np.uint16, copy=False)
     work[~valid] = _INVALID
-    work.sort(axis=0)
+    sort_along_time(work)
     n = valid.sum(axis=0, dtype=np.intp)
     lo = np.maximum((n - 1) // 2, 0)[None]  # the two middle ranks (equal for odd n)
     hi = (n // 2)[None]
@@ -406,6 +408,29 @@ def median_of_clear(refl: np.ndarray, clear: np.ndarray, offsets: np.ndarray) ->
     out = ((a + b + 1) // 2).astype(np.uint16)
     out[n == 0] = NODATA
     return out
+
+
+def sort_along_time(values: np.ndarray) -> None:
+    """Sort ``values`` in place along axis 0 (time).
+
+    A few dates (the usual season) are sorted by an odd-even transposition network of
+    element-wise minimum/maximum over whole images, several times faster than numpy's
+    per-pixel sort along a strided axis; the result is the same.
+    """
+    steps = values.shape[0]
+    if steps > _NETWORK_SORT_MAX:
+        values.sort(axis=0)
+        return
+    low = np.empty(values.shape[1:], dtype=values.dtype)
+    for step in range(steps):
+        for k in range(step % 2, steps - 1, 2):
+            np.minimum(values[k], values[k + 1], out=low)
+            np.maximum(values[k], values[k + 1], out=values[k + 1])
+            values[k] = low
+
+
+#: Most dates sorted by the network of :func:`sort_along_time` (its cost grows with the square).
+_NETWORK_SORT_MAX = 16
 
 
 def merge_passes(

@@ -122,3 +122,73 @@ def test_reader_settings_survive_pickling():
     copy = pickle.loads(pickle.dumps(reader))
     assert (copy.url, copy.retries, copy.retry_delay, copy.warp_tolerance) == (
         "https://bucket.example/B04.tif", 4, 0.5, 0.125)
+
+
+#: Grids on the pixels of the 33TWM files (origin 499980, 5200020; 915 × 915 px of 120 m):
+#: (first row, first column, rows, columns) on the file's grid, inside it and over its edges.
+ALIGNED = [(40, 70, 64, 96), (-5, -9, 40, 50), (880, 890, 60, 45)]
+
+
+def _file_window(path, top, left, rows, cols, factor=1):
+    """The file's pixels under that window of a grid ``factor`` times finer, 0 (no data)
+    outside the file: the truth."""
+    import rasterio
+
+    with rasterio.Env(**READDIR), rasterio.open(path) as src:
+        values = src.read(1)
+    fine = values.repeat(factor, axis=0).repeat(factor, axis=1)
+    out = np.zeros((rows, cols), dtype=values.dtype)
+    r0, c0 = max(top, 0), max(left, 0)
+    r1, c1 = min(top + rows, fine.shape[0]), min(left + cols, fine.shape[1])
+    out[r0 - top:r1 - top, c0 - left:c1 - left] = fine[r0:r1, c0:c1]
+    return out
+
+
+@pytest.mark.parametrize("factor", [1, 3], ids=["same-pixels", "three-times-finer"])
+@pytest.mark.parametrize("window", ALIGNED, ids=["inside", "over-top-left", "over-bottom-right"])
+def test_a_grid_on_the_files_pixels_is_read_without_warping(twm_items, window, factor, monkeypatch):
+    """Where the grid lies on the file's pixels (CRS, edges; pixels the same or a whole
+    fraction of the file's, like 20 m SCL on a 10 m grid), each output pixel is read
+    directly — the file pixel under it, no data beyond the file — and equals the exact warp's."""
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+
+    from clc_dask.load import RetryingReader
+
+    top, left, rows, cols = window
+    top, left, rows, cols = top * factor + (factor - 1), left * factor, rows * factor, cols * factor - 1
+    size = 120 / factor
+    gbox = GeoBox((rows, cols), Affine(size, 0, 499980 + size * left, 0, -size, 5200020 - size * top), "EPSG:32633")
+
+    def no_warp(self, ds):
+        raise AssertionError(f"{ds.name} was warped although the grid is on its pixels")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(RetryingReader, "_warped", no_warp)
+        direct = _load(twm_items, gbox, chunksize=32).values  # chunk edges inside the window too
+    for t, item in enumerate(sorted(twm_items, key=lambda i: i.datetime)):
+        np.testing.assert_array_equal(direct[t, 0], _file_window(item.assets["red"].href, top, left, rows, cols, factor))
+    monkeypatch.setattr("clc_dask.load.pixel_alignment", lambda ds, params: None)
+    np.testing.assert_array_equal(direct, _load(twm_items, gbox, chunksize=32).values)
+
+
+def test_pixel_alignment_needs_the_same_crs_and_pixel_edges():
+    from types import SimpleNamespace
+
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    from clc_dask.load import PixelAlignment, pixel_alignment
+
+    src = SimpleNamespace(crs=CRS.from_epsg(32633), transform=Affine(20, 0, 399960, 0, -20, 5300040))
+    grid = {"crs": 32633, "transform": Affine(20, 0, 399960 + 20 * 7, 0, -20, 5300040 - 20 * 3)}
+    assert pixel_alignment(src, grid) == PixelAlignment(3, 7, 1)
+    assert pixel_alignment(src, grid | {"transform": Affine(20, 0, 399940, 0, -20, 5300080)}) == PixelAlignment(-2, -1, 1)
+    # a 10 m grid on the 20 m file: every 10 m edge is one (the 20 m SCL on the 10 m grid)
+    assert pixel_alignment(src, grid | {"transform": Affine(10, 0, 399970, 0, -10, 5300000)}) == PixelAlignment(4, 1, 2)
+    assert pixel_alignment(src, grid | {"crs": 32634}) is None
+    assert pixel_alignment(src, grid | {"transform": Affine(40, 0, 399960, 0, -40, 5300040)}) is None  # coarser
+    assert pixel_alignment(src, grid | {"transform": Affine(15, 0, 399960, 0, -15, 5300040)}) is None  # not a fraction
+    assert pixel_alignment(src, grid | {"transform": Affine(10, 0, 399965, 0, -10, 5300040)}) is None  # half a pixel off
+    assert pixel_alignment(src, grid | {"transform": Affine(20, 0.5, 399960, 0, -20, 5300040)}) is None  # rotated
+    assert pixel_alignment(src, grid | {"transform": Affine(20, 0, 399960, 0, 20, 5300040)}) is None  # flipped

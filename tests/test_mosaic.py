@@ -144,6 +144,24 @@ def test_mosaic_does_not_depend_on_chunking():
     np.testing.assert_array_equal(ma["clear_count"].values, mb["clear_count"].values)
 
 
+
+def test_mosaics_of_different_scenes_computed_together_keep_their_own_values():
+    """Graph keys are named after their inputs: two tiles' mosaics (or two seasons) in one
+    compute — or two tiles in flight on one cluster — never share a task."""
+    a, surface_a, scl_a = _synthetic(seed=3)
+    b, surface_b, scl_b = _synthetic(seed=4)
+    ma, mb = seasonal_mosaic(a, composite="all"), seasonal_mosaic(b, composite="all")
+    assert ma["reflectance"].data.name != mb["reflectance"].data.name
+    assert ma["clear_count"].data.name != mb["clear_count"].data.name
+    refl_a, refl_b, count_a, count_b = dask.compute(ma["reflectance"], mb["reflectance"],
+                                                    ma["clear_count"], mb["clear_count"])
+    for refl, count, surface, scl in [(refl_a, count_a, surface_a, scl_a), (refl_b, count_b, surface_b, scl_b)]:
+        seen = (~np.isin(scl, MASKED_SCL_CLASSES)).sum(0)
+        np.testing.assert_array_equal(count.values, seen)
+        np.testing.assert_array_equal(refl.values[:, seen > 0], surface[:, seen > 0])
+    # the same inputs give the same graph (dask computes shared work once)
+    assert seasonal_mosaic(a, composite="all")["reflectance"].data.name == ma["reflectance"].data.name
+
 def test_bad_scenes_are_refused():
     scenes, _, _ = _synthetic()
     with pytest.raises(InputError, match="uint16"):
