@@ -513,3 +513,31 @@ def test_cli_progress_dashboard_and_performance_report(root, region, client):
     assert report.exists() and "Dask Performance Report" in report.read_text()
     again = CliRunner().invoke(app, ["run", "--config", str(config), "--tiles", "1_2"])
     assert isinstance(again.exception, OutputError)  # finished tiles need --resume or --overwrite
+
+
+def test_class_maps_of_two_stores_read_together_keep_their_own_tiles(tmp_path):
+    """The whole-map read of phase 2 names each task after its file: two runs' maps in one
+    graph (or two runs on one cluster) never share a task."""
+    from clc_dask.run.generalized import tile_map
+    from clc_dask.run.store import TILE_FILES, tile_dir
+
+    grid = TileGrid(snapped_geobox((0, 0, 10 * 40, 10 * 30), 32633, 10), 20)
+    tiles = [grid.tile(f"{r}_{c}") for r in (1, 2) for c in (1, 2)]
+    expected = {}
+    for store, base in ((tmp_path / "a", 10), (tmp_path / "b", 50)):
+        whole = np.zeros(grid.geobox.shape, dtype=np.uint8)
+        for i, tile in enumerate(tiles):
+            ny, nx = tile.geobox.shape
+            codes = np.full((ny, nx), base + i, dtype=np.uint8)
+            path = tile_dir(store, tile) / TILE_FILES["classes"]
+            path.parent.mkdir(parents=True)
+            with rasterio.open(path, "w", driver="GTiff", width=nx, height=ny, count=1, dtype="uint8") as dst:
+                dst.write(codes, 1)
+            (row, col), size = (tile.row - 1, tile.col - 1), grid.tile_size
+            whole[row * size:row * size + ny, col * size:col * size + nx] = codes
+        expected[store] = whole
+    a, b = (tile_map(store, grid, tiles, "classes", np.dtype(np.uint8)) for store in expected)
+    assert not set(a.__dask_graph__()) & set(b.__dask_graph__())
+    got_a, got_b = dask.compute(a, b)
+    np.testing.assert_array_equal(got_a, expected[tmp_path / "a"])
+    np.testing.assert_array_equal(got_b, expected[tmp_path / "b"])

@@ -71,7 +71,9 @@ def tile_map(store: Path, grid: TileGrid, tiles: Sequence[Tile], layer: str, dty
             shape = (tile.geobox.shape.y, tile.geobox.shape.x)
             if tile.name in present:
                 path = tile_dir(store, tile) / TILE_FILES[layer]
-                read = dask.delayed(read_tile, pure=True)(path, dask_key_name=f"read-{layer}-{tile.name}")
+                stat = path.stat()  # the key names this file as it is: another store's tile is another task
+                token = dask.base.tokenize(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+                read = dask.delayed(read_tile, pure=True)(path, dask_key_name=f"read-{layer}-{tile.name}-{token}")
                 line.append(da.from_delayed(read, shape, dtype=dtype))
             else:
                 line.append(da.zeros(shape, dtype=dtype, chunks=shape))
