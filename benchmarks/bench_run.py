@@ -11,7 +11,13 @@ tiles, on the same cluster:
 * **write**: the class tiles written as COGs by the workers;
 * **generalize**: the whole class map generalized (tiled, exact) and the polygons written.
 
-Reported for 1 and 2 single-threaded workers: tiles per hour of the run and of each stage
+Each worker has 2 threads and one inference slot (``cluster.inference_slots: 1``, torch on one
+thread): one thread runs inference, the other reads, composites and writes the next tiles
+meanwhile — the layout of a GPU worker, whose GPU runs inference while its CPU threads read. The
+COG/STAC servers run in their own process (the data lives elsewhere in a real run: they must
+not share the client's interpreter with the scheduler).
+
+Reported for 1 and 2 workers: tiles per hour of the run and of each stage
 alone, the run's throughput over its slowest stage's and over all stages done one after
 another (what a run with barriers between stages takes), the client's CPU seconds per tile, the workers' idle fraction during
 the run (1 − busy thread time / (wall time × threads), from the task stream), and the speed-up
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import resource
 import shutil
 import time
@@ -35,22 +42,25 @@ import dask.distributed
 import geopandas as gpd
 import torch
 import yaml
-from distributed import Client, LocalCluster, get_task_stream
+from distributed import Client, get_task_stream
 
 from clc_dask.classes import ClassTable
+from clc_dask.cluster import get_client
 from clc_dask.config import load_run_config
 from clc_dask.demo import build_region, serve_region
 from clc_dask.generalize import TiledGeneralization, fixed_gpkg_date, vectorize_tiled
 from clc_dask.load import load_scenes
 from clc_dask.model import Checkpoint, Normalization, build_model, save_checkpoint
 from clc_dask.mosaic import seasonal_mosaic
-from clc_dask.predict import predict
+from clc_dask.predict import INFERENCE_LAYER, predict_region
 from clc_dask.presets import get_preset
 from clc_dask.rasters import to_dataarray
 from clc_dask.run import execute_run, resolve_run
 from clc_dask.run.tiles import TileProcessor
 
 BANDS = ("B08", "B04", "B03")
+THREADS_PER_WORKER = 2
+INFERENCE_SLOTS = 1
 
 
 def checkpoint(path: Path, codes: list[int]) -> Path:
@@ -75,16 +85,18 @@ def write_config(root: Path, region, servers, store: Path, tile: int) -> Path:
         "model": {"checkpoint": str(root / "model.pt"), "window": 512, "halo": 64, "batch_size": 8,
                   "device": "cpu"},
         "output": {"store": str(store), "formats": ["cog"], "vectorize": True},
-        "cluster": {"kind": "threads"},  # the client is given to execute_run
+        # the client is given to execute_run; its workers are started like this section says
+        "cluster": {"kind": "local", "threads_per_worker": THREADS_PER_WORKER, "inference_slots": INFERENCE_SLOTS},
     }
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path
 
 
-def idle_fraction(stream: list[dict], seconds: float, threads: int) -> float:
-    busy = sum(stop - start for task in stream for _, start, stop in
-               [(s["action"], s["start"], s["stop"]) for s in task["startstops"] if s["action"] == "compute"])
+def idle_fraction(stream: list[dict], seconds: float, threads: int, prefix: str = "") -> float:
+    """1 − compute time of the tasks whose key starts with ``prefix`` / (wall time × threads)."""
+    busy = sum(s["stop"] - s["start"] for task in stream if str(task["key"]).strip("('\"").startswith(prefix)
+               for s in task["startstops"] if s["action"] == "compute")
     return max(0.0, 1.0 - busy / (seconds * threads))
 
 
@@ -97,24 +109,19 @@ def stages(ctx, client: Client) -> dict[str, float]:
     mosaics = []
     for layout in layouts:
         scenes = load_scenes(list(ctx.items), layout.load_geobox, bands=list(BANDS), chunk_size=layout.chunk)
-        mosaics.append(seasonal_mosaic(scenes, "nrg")["reflectance"])
+        mosaics.append(seasonal_mosaic(scenes, "nrg")["reflectance"].sel(band=list(BANDS)))
     mosaics = client.persist(mosaics)
     dask.distributed.wait(mosaics)
     out["mosaic"] = time.perf_counter() - started
     started = time.perf_counter()
     maps = []
-    for layout, mosaic in zip(layouts, mosaics, strict=True):
-        pad = layout.context
-        padding = ((0, 0), (layout.before[0] - pad, layout.after - pad), (layout.before[1] - pad, layout.after - pad))
-        data = dask.array.pad(mosaic.data, padding, mode="constant", constant_values=0)
-        data = data.rechunk(((data.shape[0],), *layout.array_chunks()))
-        arr = to_dataarray(data, layout.array_geobox, band_names=list(BANDS), name="mosaic")
-        model = ctx.config.model
-        class_map = predict(arr, ctx.checkpoint.path, halo=model.halo, window=model.window,
-                            batch_size=model.batch_size, device="cpu", chunk_size=None, client=client)
+    model = ctx.config.model
+    for layout, mosaic in zip(layouts, mosaics, strict=True):  # as the run predicts a tile: one task
         (ny, nx), (by, bx) = layout.shape, layout.before
-        maps.append(class_map.data[by:by + ny, bx:bx + nx])
-    maps = client.persist(maps)
+        maps.append(predict_region(mosaic.data, ctx.checkpoint.path, origin=(by - layout.context, bx - layout.context),
+                                   region=(by, by + ny, bx, bx + nx), halo=model.halo, window=model.window,
+                                   batch_size=model.batch_size, device="cpu", client=client))
+    maps = client.persist(maps, optimize_graph=False)  # keeps the inference slot annotation
     dask.distributed.wait(maps)
     out["predict"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -141,8 +148,8 @@ def measure(args: argparse.Namespace, region, servers, workers: int) -> dict[str
     checkpoint(root / "model.pt", [11, 12, 13, 21, 22, 23, 24, 31, 32, 41, 51])
     store = root / "store"
     config = load_run_config(write_config(root, region, servers, store, args.tile))
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with get_client(kind="local", n_workers=workers, threads_per_worker=THREADS_PER_WORKER,
+                    inference_slots=INFERENCE_SLOTS, dashboard_address=None) as client:
         client.run(lambda: torch.set_num_threads(1))
         # warm the workers (model loads, imports) on a throw-away run of one tile
         warm = config.model_copy(update={"output": config.output.model_copy(update={"store": str(root / "warm")})})
@@ -154,10 +161,12 @@ def measure(args: argparse.Namespace, region, servers, workers: int) -> dict[str
         seconds = time.perf_counter() - started
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         tiles = len(result.computed)
-        run_idle = idle_fraction(stream.data, seconds, workers)
+        run_idle = idle_fraction(stream.data, seconds, workers * THREADS_PER_WORKER)
+        inference_idle = idle_fraction(stream.data, seconds, workers * INFERENCE_SLOTS, INFERENCE_LAYER)
         ctx = resolve_run(config.model_copy(update={"output": config.output.model_copy(
             update={"store": str(root / "stages")})}))
         alone = stages(ctx, client)
+        client.cluster.close()
     client_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     slowest = max(alone, key=alone.get)
     return {
@@ -170,7 +179,16 @@ def measure(args: argparse.Namespace, region, servers, workers: int) -> dict[str
         "sum_of_stages_over_run": round(sum(alone.values()) / seconds, 3),
         "client_cpu_seconds_per_tile": round(client_cpu / tiles, 3),
         "worker_idle_fraction": round(run_idle, 3),
+        "inference_slot_idle_fraction": round(inference_idle, 3),
     }
+
+
+def serve(workdir: str, size: int, urls, stop) -> None:
+    """Serve the demo region from this (separate) process until ``stop`` is set."""
+    region = build_region(Path(workdir) / "region", size=size, seed=0)
+    with serve_region(region) as servers:
+        urls.send(servers.stac_url)
+        stop.wait()
 
 
 def main() -> None:
@@ -182,10 +200,19 @@ def main() -> None:
     args = parser.parse_args()
     region = build_region(Path(args.workdir) / "region", size=args.size, seed=0)
     results = []
-    with serve_region(region) as servers:
+    spawn = multiprocessing.get_context("spawn")
+    urls, sent = spawn.Pipe(duplex=False)
+    stop = spawn.Event()
+    server = spawn.Process(target=serve, args=(args.workdir, args.size, sent, stop), daemon=True)
+    server.start()
+    try:
+        servers = argparse.Namespace(stac_url=urls.recv())
         for workers in [int(w) for w in args.workers.split(",")]:
             results.append(measure(args, region, servers, workers))
             print(json.dumps(results[-1], indent=1), flush=True)
+    finally:
+        stop.set()
+        server.join(30)
     if len(results) == 2:
         speedup = results[1]["run_tiles_per_hour"] / results[0]["run_tiles_per_hour"]
         print(json.dumps({"two_workers_over_one": round(speedup, 3)}, indent=1))

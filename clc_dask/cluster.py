@@ -30,6 +30,10 @@ ClusterKind = Literal["auto", "local", "address", "cuda"]
 ConnectKind = Literal["threads", "auto", "local", "cuda"]
 #: Resource name carried by inference tasks and advertised by GPU workers.
 GPU_RESOURCE = "GPU"
+#: Resource advertised by CPU workers that keep threads for reading and compositing beside
+#: their inference: a worker with ``{"inference": 1}`` runs one inference task at a time, and
+#: its other threads fetch, composite and write the next tiles meanwhile (as a GPU worker's do).
+INFERENCE_RESOURCE = "inference"
 
 
 class LogRedactionPlugin(WorkerPlugin):
@@ -63,6 +67,7 @@ def get_client(
     dashboard_address: str | None = ":0",
     connect_timeout: str = "30s",
     local_directory: str | os.PathLike[str] | None = None,
+    inference_slots: int | None = None,
 ) -> Client:
     """Connect to a scheduler or start a local (CUDA) cluster, and return its client.
 
@@ -70,14 +75,21 @@ def get_client(
         address: scheduler address (``tcp://host:8786``); default ``DASK_SCHEDULER_ADDRESS``.
         kind: ``auto`` picks address → CUDA → CPU; force one with ``local``/``cuda``/``address``.
         n_workers: local workers (CPU default: one per 2 cores; CUDA: one per GPU).
-        threads_per_worker: threads per local worker (CUDA workers always use 1).
+        threads_per_worker: threads per local worker (CUDA default 1: more threads read and
+            composite the next tiles while the GPU runs one inference task at a time).
         memory_limit: per local worker, e.g. ``"4GiB"``.
         dashboard_address: where the dashboard listens (``":0"`` = a free port; None = off).
         connect_timeout: how long to wait for a remote scheduler.
         local_directory: scratch folder of local workers (default: dask's, in the temp folder).
+        inference_slots: inference tasks a local CPU worker runs at once (it advertises
+            :data:`INFERENCE_RESOURCE`); its other threads read, composite and write meanwhile.
+            None: no limit (every thread may run inference). GPU workers run one per GPU.
     """
+    if inference_slots is not None and (not isinstance(inference_slots, int) or inference_slots < 1):
+        raise ConfigError(f"inference_slots={inference_slots!r} must be a whole number ≥ 1 (inference tasks "
+                          "a worker runs at once), or None for no limit.")
     client = _start_or_connect(address, kind, n_workers, threads_per_worker, memory_limit,
-                               dashboard_address, connect_timeout, local_directory)
+                               dashboard_address, connect_timeout, local_directory, inference_slots)
     client.register_plugin(LogRedactionPlugin())
     return client
 
@@ -91,6 +103,7 @@ def _start_or_connect(
     dashboard_address: str | None,
     connect_timeout: str,
     local_directory: str | os.PathLike[str] | None,
+    inference_slots: int | None = None,
 ) -> Client:
     address = address or os.environ.get("DASK_SCHEDULER_ADDRESS")
     if kind == "address" and not address:
@@ -106,7 +119,8 @@ def _start_or_connect(
             ) from exc
     gpus = gpu_count()
     if kind == "cuda" or (kind == "auto" and gpus > 0):
-        return _client_of(_local_cuda_cluster(gpus, memory_limit, dashboard_address, local_directory))
+        return _client_of(_local_cuda_cluster(gpus, memory_limit, dashboard_address, local_directory,
+                                              threads_per_worker or 1))
     cores = os.cpu_count() or 1
     if n_workers is None:
         n_workers = max(1, cores // 2) if threads_per_worker is None else max(1, cores // threads_per_worker)
@@ -119,9 +133,10 @@ def _start_or_connect(
         dashboard_address=dashboard_address,
         processes=True,
         local_directory=local_directory,
+        resources={INFERENCE_RESOURCE: inference_slots} if inference_slots else None,
     )
-    log.info("started LocalCluster: %d worker(s) × %d thread(s); dashboard %s",
-             n_workers, threads_per_worker, cluster.dashboard_link)
+    log.info("started LocalCluster: %d worker(s) × %d thread(s)%s; dashboard %s", n_workers, threads_per_worker,
+             f", {inference_slots} inference slot(s) each" if inference_slots else "", cluster.dashboard_link)
     return _client_of(cluster)
 
 
@@ -136,8 +151,10 @@ def _client_of(cluster: LocalCluster) -> Client:
 
 
 def _local_cuda_cluster(gpus: int, memory_limit: str | None, dashboard_address: str | None,
-                        local_directory: str | os.PathLike[str] | None = None) -> LocalCluster:
-    """A dask-cuda cluster, one single-threaded worker per GPU, advertising the GPU resource."""
+                        local_directory: str | os.PathLike[str] | None = None,
+                        threads_per_worker: int = 1) -> LocalCluster:
+    """A dask-cuda cluster, one worker per GPU advertising the GPU resource (inference tasks
+    need one, so each GPU runs one at a time; further threads read and composite meanwhile)."""
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError as exc:
@@ -148,7 +165,7 @@ def _local_cuda_cluster(gpus: int, memory_limit: str | None, dashboard_address: 
     if gpus == 0:
         raise ClcDaskError("kind='cuda' but no CUDA device is visible: check CUDA_VISIBLE_DEVICES and drivers.")
     cluster = LocalCUDACluster(
-        threads_per_worker=1,
+        threads_per_worker=threads_per_worker,
         memory_limit=memory_limit or "auto",
         dashboard_address=dashboard_address,
         resources={GPU_RESOURCE: 1},
@@ -160,8 +177,24 @@ def _local_cuda_cluster(gpus: int, memory_limit: str | None, dashboard_address: 
 
 def has_gpu_workers(client: Client) -> bool:
     """True if any worker of ``client`` advertises the ``GPU`` resource."""
+    return GPU_RESOURCE in _advertised_resources(client)
+
+
+def inference_resource(client: Any) -> str | None:
+    """The resource inference tasks on ``client``'s cluster need: ``GPU`` where workers have GPUs,
+    :data:`INFERENCE_RESOURCE` where CPU workers limit their inference slots, else None."""
+    if client is None:
+        return None
+    advertised = _advertised_resources(client)
+    for name in (GPU_RESOURCE, INFERENCE_RESOURCE):
+        if name in advertised:
+            return name
+    return None
+
+
+def _advertised_resources(client: Client) -> set[str]:
     info = client.scheduler_info()
-    return any(GPU_RESOURCE in w.get("resources", {}) for w in info.get("workers", {}).values())
+    return {name for w in info.get("workers", {}).values() for name in w.get("resources", {})}
 
 
 @contextlib.contextmanager
@@ -174,6 +207,7 @@ def connect(
     memory_limit: str | None = None,
     dashboard_address: str | None = ":0",
     connect_timeout: str = "30s",
+    inference_slots: int | None = None,
 ) -> Iterator[Client | None]:
     """The Dask client a command computes with; everything it started is closed on exit.
 
@@ -193,6 +227,7 @@ def connect(
         memory_limit: memory per started worker, e.g. ``"4GiB"``.
         dashboard_address: dashboard of a started cluster (``":0"`` = a free port).
         connect_timeout: how long to wait for a remote scheduler.
+        inference_slots: inference tasks each started CPU worker runs at once (see :func:`get_client`).
     """
     address = scheduler or (os.environ.get("DASK_SCHEDULER_ADDRESS") if kind in ("threads", "auto") else None)
     if not address and kind == "threads":
@@ -207,7 +242,7 @@ def connect(
             client = get_client(address=address, kind="address" if address else kind, n_workers=n_workers,
                                 threads_per_worker=threads_per_worker, memory_limit=memory_limit,
                                 dashboard_address=dashboard_address, connect_timeout=connect_timeout,
-                                local_directory=scratch)
+                                local_directory=scratch, inference_slots=inference_slots)
         stack.callback(close_quietly, client, None if address else client.cluster)
         yield client
 
@@ -239,4 +274,5 @@ def connect_for_run(settings: ClusterConfig, scheduler: str | None = None) -> co
         return contextlib.nullcontext(None)
     kind: ConnectKind = "auto" if settings.kind in ("address", "threads") else settings.kind
     return connect(scheduler or settings.address, kind=kind, n_workers=settings.n_workers,
-                   threads_per_worker=settings.threads_per_worker, memory_limit=settings.memory_limit)
+                   threads_per_worker=settings.threads_per_worker, memory_limit=settings.memory_limit,
+                   inference_slots=settings.inference_slots)

@@ -189,6 +189,10 @@ class ClusterConfig(_Strict):
     n_workers: int | None = Field(None, gt=0)
     threads_per_worker: int | None = Field(None, gt=0)
     memory_limit: str | None = Field(None, description="per worker, e.g. '4GiB'")
+    inference_slots: int | None = Field(
+        None, gt=0, description="inference tasks a started CPU worker runs at once; its other threads read, "
+        "composite and write the next tiles meanwhile (e.g. threads_per_worker 2, inference_slots 1). "
+        "Default: no limit. GPU workers run one per GPU")
     tiles_in_flight: int | None = Field(
         None, gt=0, description="tiles on the cluster at once; the next is submitted as one finishes "
         "(default: twice the workers' threads, at least 2)")

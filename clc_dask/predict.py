@@ -35,6 +35,7 @@ SHA-256 and device: tasks carry only those strings, never weights (PITFALLS: das
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -55,10 +56,10 @@ from dask.base import tokenize
 from odc.geo.geobox import GeoBox
 
 from clc_dask.classes import NODATA_CODE, ClassTable, colormap
-from clc_dask.cluster import GPU_RESOURCE, has_gpu_workers
+from clc_dask.cluster import GPU_RESOURCE, has_gpu_workers, inference_resource
 from clc_dask.errors import CheckpointError, ConfigError, InputError, OutputError
 from clc_dask.grid import DEFAULT_TILE_SIZE, TileGrid
-from clc_dask.model import Normalization, load_checkpoint
+from clc_dask.model import Checkpoint, Normalization, load_checkpoint
 from clc_dask.rasters import (
     check_writable,
     geobox_of,
@@ -380,12 +381,14 @@ def _worker_address() -> str:
         return "local"
 
 
-def keep_annotations(array: da.Array | xr.DataArray | xr.Dataset) -> contextlib.AbstractContextManager[Any]:
-    """Compute inside this context so GPU resource annotations survive graph optimization.
+def keep_annotations(array: Any) -> contextlib.AbstractContextManager[Any]:
+    """Compute inside this context so resource annotations (GPU, inference slots) survive
+    graph optimization.
 
     Dask's low-level task fusion drops layer annotations (dask#7036, dask#10325); it is switched
-    off while computing arrays that carry resource annotations. :func:`write_prediction` and
-    :func:`write_probabilities` use it; use it too when you ``.compute()`` a GPU prediction.
+    off while computing collections (arrays, Datasets, delayed) that carry resource annotations.
+    :func:`write_prediction`, :func:`write_probabilities` and runs use it; use it too when you
+    ``.compute()`` a prediction on a GPU cluster.
     """
     graph = array.__dask_graph__()
     annotated = graph is not None and any(
@@ -445,9 +448,9 @@ def predict(
     client = client if client is not None else _current_client()
     gpu_cluster = client is not None and has_gpu_workers(client)
     device = _check_device(device, gpu_cluster)
+    resource = inference_resource(client) if client is not None else None
     path = Path(checkpoint).resolve()
-    ckpt = load_checkpoint(path)
-    sha256 = file_sha256(path)
+    ckpt, sha256 = _checkpoint_header(path)
     mosaic = _checked_mosaic(mosaic, ckpt.bands)
     ckpt.check_compatible(bands=[str(b) for b in mosaic["band"].values])
     gbox = geobox_of(mosaic)
@@ -456,7 +459,7 @@ def predict(
 
     kernel = dict(checkpoint=str(path), sha256=sha256, device=device, batch_size=batch_size,
                   probabilities=probabilities)
-    stacked = _stacked_prediction(mosaic, grid, chunk_size, classes, gpu_cluster, kernel)
+    stacked = _stacked_prediction(mosaic, grid, chunk_size, classes, resource, kernel)
     attrs = {"clc_level": classes.level, "class_codes": list(classes.codes), "encoder": ckpt.encoder,
              "checkpoint_sha256": sha256, "halo_px": halo, "window_px": window}
     ys, xs = window_slices or (slice(None), slice(None))
@@ -472,6 +475,90 @@ def predict(
     return xr.Dataset({"class_map": class_map, "probability": probs}, attrs=attrs)
 
 
+def predict_region(
+    data: da.Array,
+    checkpoint: str | os.PathLike[str],
+    *,
+    origin: tuple[int, int],
+    region: tuple[int, int, int, int],
+    halo: int = DEFAULT_HALO,
+    window: int = DEFAULT_WINDOW,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str = "auto",
+    client: Any = None,
+) -> da.Array:
+    """The class codes of one region, predicted by **one task** (a run's tile).
+
+    The windows lie on the same global grid as in :func:`predict` (anchored at global pixel
+    (0, 0)), so the codes equal those of :func:`predict` over a raster holding ``data`` at
+    ``origin`` and no data (0) everywhere else — a tile predicted alone matches the whole map.
+    One task per region keeps a run's graph small and lets a worker run the region's inference
+    in one inference slot (the task needs one ``GPU``/``inference`` resource where workers
+    advertise it: compute the result inside :func:`keep_annotations`, or with
+    ``optimize_graph=False``).
+
+    Args:
+        data: (band, y, x) DN in the checkpoint's band order (any chunking; merged into one block).
+        checkpoint: a clc-dask checkpoint file, readable by every worker.
+        origin: global (row, col) of ``data[:, 0, 0]`` (px).
+        region: global (row0, row1, col0, col1) to predict (px, end exclusive).
+        halo: context (px) around every window's core, as for :func:`predict`.
+        window: side (px) of each window's core.
+        batch_size: windows per forward pass.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        client: the client that will compute the result (its workers' resources decide the
+            annotation); default the current one.
+
+    Returns:
+        (rows, cols) CLC codes (uint8 for Level 1–2, uint16 for Level 3), 0 where ``data`` is no data.
+    """
+    grid = check_options(window, halo, batch_size, None)
+    client = client if client is not None else _current_client()
+    device = _check_device(device, client is not None and has_gpu_workers(client))
+    resource = inference_resource(client) if client is not None else None
+    path = Path(checkpoint).resolve()
+    ckpt, sha256 = _checkpoint_header(path)
+    if data.ndim != 3 or data.shape[0] != len(ckpt.bands):
+        raise InputError(f"predict_region needs (band, y, x) data with the checkpoint's {len(ckpt.bands)} bands "
+                         f"{list(ckpt.bands)}; got shape {data.shape}.")
+    r0, r1, c0, c1 = (int(v) for v in region)
+    if r1 <= r0 or c1 <= c0:
+        raise InputError(f"region {region} is empty: give (row0, row1, col0, col1) with row0 < row1, col0 < col1.")
+    dtype = np.dtype(np.uint16 if ckpt.classes.level == 3 else np.uint8)
+    kernel = dict(checkpoint=str(path), sha256=sha256, device=device, grid=grid, batch_size=batch_size,
+                  origin=(int(origin[0]), int(origin[1])), region=(r0, r1, c0, c1), out_dtype=dtype.str)
+    block = data.rechunk(data.shape)
+    name = f"{INFERENCE_LAYER}-{tokenize(block.name, kernel)}"
+    annotation = dask.annotate(resources={resource: 1}) if resource else contextlib.nullcontext()
+    with annotation:
+        return block.map_blocks(_predict_region_block, name=name, drop_axis=0, chunks=((r1 - r0,), (c1 - c0,)),
+                                dtype=dtype, meta=np.empty((0, 0), dtype=dtype), **kernel)
+
+
+def _predict_region_block(block: np.ndarray, *, checkpoint: str, sha256: str, device: str, grid: WindowGrid,
+                          batch_size: int, origin: tuple[int, int], region: tuple[int, int, int, int],
+                          out_dtype: str) -> np.ndarray:
+    """Kernel of :func:`predict_region`: ``block`` padded with no data to every window input."""
+    loaded = load_model(checkpoint, sha256, device)
+    r0, r1, c0, c1 = region
+    rows, cols = grid.indices(r0, r1), grid.indices(c0, c1)
+    # the inputs of every window whose core meets the region, in global pixels
+    top, left = rows.start * grid.window - grid.before, cols.start * grid.window - grid.before
+    bottom, right = rows.stop * grid.window + grid.after, cols.stop * grid.window + grid.after
+    dn = np.zeros((block.shape[0], bottom - top, right - left), dtype=block.dtype)
+    oy, ox = origin
+    ys = slice(max(top, oy), min(bottom, oy + block.shape[1]))
+    xs = slice(max(left, ox), min(right, ox + block.shape[2]))
+    if ys.start < ys.stop and xs.start < xs.stop:
+        dn[:, ys.start - top:ys.stop - top, xs.start - left:xs.stop - left] = \
+            block[:, ys.start - oy:ys.stop - oy, xs.start - ox:xs.stop - ox]
+    started = time.perf_counter()
+    codes = infer_region(dn, (top, left), region, loaded, grid, batch_size, False)[0]
+    log.debug("predicted region rows %d:%d cols %d:%d in %.2f s on %s", r0, r1, c0, c1,
+              time.perf_counter() - started, _worker_address())
+    return codes.astype(out_dtype)
+
+
 def check_options(window: int, halo: int, batch_size: int, chunk_size: int | None) -> WindowGrid:
     """Check the numeric options of :func:`predict` (cheap: call it before starting a cluster)."""
     grid = WindowGrid.from_options(window, halo)
@@ -483,8 +570,9 @@ def check_options(window: int, halo: int, batch_size: int, chunk_size: int | Non
 
 
 def _stacked_prediction(mosaic: xr.DataArray, grid: WindowGrid, chunk_size: int | None, classes: ClassTable,
-                        gpu_cluster: bool, kernel: dict[str, Any]) -> da.Array:
-    """The map_overlap graph: (1 [+ C], y, x) codes [and probabilities], chunked like the mosaic."""
+                        resource: str | None, kernel: dict[str, Any]) -> da.Array:
+    """The map_overlap graph: (1 [+ C], y, x) codes [and probabilities], chunked like the mosaic;
+    inference tasks need one unit of ``resource`` (a GPU, or a CPU worker's inference slot)."""
     data = mosaic.data if isinstance(mosaic.data, da.Array) else da.from_array(mosaic.data)
     data = data.rechunk({0: -1, 1: chunk_size, 2: chunk_size} if chunk_size else {0: -1})
     out_chunks = data.chunks[1:]
@@ -497,7 +585,7 @@ def _stacked_prediction(mosaic: xr.DataArray, grid: WindowGrid, chunk_size: int 
     depth = (plans[0].depth, plans[1].depth)
     kernel = kernel | dict(grid=grid, overlap=depth, out_dtype=dtype.str)
     name = f"{INFERENCE_LAYER}-{tokenize(data.name, kernel)}"
-    annotation = dask.annotate(resources={GPU_RESOURCE: 1}) if gpu_cluster else contextlib.nullcontext()
+    annotation = dask.annotate(resources={resource: 1}) if resource else contextlib.nullcontext()
     with annotation:
         stacked = da.map_overlap(
             _predict_block, data, depth={0: 0, 1: depth[0], 2: depth[1]}, boundary=0, trim=True,
@@ -506,8 +594,36 @@ def _stacked_prediction(mosaic: xr.DataArray, grid: WindowGrid, chunk_size: int 
                     tuple(c + 2 * depth[1] for c in data.chunks[2])),
             **kernel,
         )
-    _log_plan(grid, plans, out_chunks, gpu_cluster, kernel["device"])
+    _log_plan(grid, plans, out_chunks, resource, kernel["device"])
     return stacked[:, : mosaic.sizes["y"], : mosaic.sizes["x"]].rechunk((layers, *out_chunks))
+
+
+_HEADERS: dict[tuple[str, int, int, int], tuple[Checkpoint, str]] = {}
+_HEADERS_LOCK = threading.Lock()
+
+
+def _checkpoint_header(path: Path) -> tuple[Checkpoint, str]:
+    """The checkpoint's metadata and SHA-256, read once per process and file version (path,
+    inode, size, mtime): a run planning thousands of tiles reads and hashes its checkpoint once.
+    (Workers still check the hash before using the file.)"""
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns) if stat is not None else None
+    with _HEADERS_LOCK:
+        if key is not None and key in _HEADERS:
+            return _HEADERS[key]
+    ckpt = load_checkpoint(path)  # raises the clear error for a missing or unreadable file
+    # the weights stay on disk (workers load them); the client keeps what planning needs
+    header = (dataclasses.replace(ckpt, state_dict={}, optimizer_state=None, rng_state=None, history=[]),
+              file_sha256(path))
+    with _HEADERS_LOCK:
+        if key is not None:
+            if len(_HEADERS) >= _CACHE_SIZE:
+                _HEADERS.pop(next(iter(_HEADERS)))
+            _HEADERS[key] = header
+    return header
 
 
 def _current_client() -> Any:
@@ -566,12 +682,12 @@ def _tile_window(gbox: GeoBox, tiles: Sequence[str] | None, tile_size: int) -> t
 
 
 def _log_plan(grid: WindowGrid, plans: list[_AxisPlan], chunks: tuple[tuple[int, ...], ...],
-              gpu: bool, device: str) -> None:
+              resource: str | None, device: str) -> None:
     waste = grid.recompute_factor(plans[0].chunks) * grid.recompute_factor(plans[1].chunks)
     log.info("predict: window %d px (+%d/%d px context, input %d px), depth %s px, %d×%d inference "
              "blocks, device %s%s", grid.window, grid.before, grid.after, grid.input_size,
              [p.depth for p in plans], len(plans[0].chunks), len(plans[1].chunks), device,
-             ", GPU-annotated" if gpu else "")
+             f", one {resource} per inference task" if resource else "")
     if waste > 1.05:
         log.info("chunk edges %s are not multiples of window=%d px: %.2f× the windows are run "
                  "(chunk sizes that are multiples of the window avoid it)", chunks[0][:3], grid.window, waste)

@@ -139,6 +139,35 @@ def test_codes_and_nodata(files, reference):
     assert reference[100:104, 100:104].all(), "a pixel with one band 0 is still valid"
 
 
+# ----------------------------------------------------------------------------- one region, one task
+
+
+@pytest.mark.parametrize("region", [(0, H, 0, W), (0, 128, 128, 256), (37, 201, 5, 319), (128, 256, 256, 320)])
+def test_a_region_predicted_in_one_task_equals_the_whole_map(files, reference, region):
+    data = open_raster(files["mosaic"], chunks=96).data  # any chunking: merged into one block
+    codes = P.predict_region(data, files["ckpt"], origin=(0, 0), region=region, **OPTS, batch_size=2)
+    assert codes.numblocks == (1, 1) and len([k for k in dict(codes.dask) if P.INFERENCE_LAYER in str(k)]) == 1
+    r0, r1, c0, c1 = region
+    np.testing.assert_array_equal(codes.compute(scheduler="sync"), reference[r0:r1, c0:c1])
+
+
+def test_a_region_of_a_piece_equals_the_whole_map_of_the_piece_on_no_data(files):
+    """``data`` at an offset: outside it is no data, as in a map of the piece alone on the grid."""
+    arr = files["array"].values
+    piece = arr[:, 40:200, 70:300]
+    alone = np.zeros_like(arr)
+    alone[:, 40:200, 70:300] = piece
+    whole = P.predict(to_dataarray(alone, files["array"].odc.geobox, band_names=list(BANDS), name="mosaic"),
+                      files["ckpt"], chunk_size=None, client=None, **OPTS).values
+    codes = P.predict_region(dask.array.from_array(piece), files["ckpt"], origin=(40, 70),
+                             region=(100, 190, 128, 290), client=None, **OPTS).compute(scheduler="sync")
+    np.testing.assert_array_equal(codes, whole[100:190, 128:290])
+    with pytest.raises(InputError, match="bands"):
+        P.predict_region(dask.array.from_array(piece[:2]), files["ckpt"], origin=(0, 0), region=(0, 8, 0, 8), **OPTS)
+    with pytest.raises(InputError, match="empty"):
+        P.predict_region(dask.array.from_array(piece), files["ckpt"], origin=(0, 0), region=(8, 8, 0, 8), **OPTS)
+
+
 # ----------------------------------------------------------------------------- model residency
 
 
@@ -173,14 +202,16 @@ def _inference_layers(arr):
     return {k: v for k, v in arr.__dask_graph__().layers.items() if k.startswith(P.INFERENCE_LAYER)}
 
 
-def test_gpu_annotation_only_with_gpu_workers(files, monkeypatch):
+@pytest.mark.parametrize("advertised", [None, "GPU", "inference"])
+def test_inference_tasks_need_the_resource_workers_advertise(files, monkeypatch, advertised):
     mosaic = open_raster(files["mosaic"], chunks=128)
-    monkeypatch.setattr(P, "has_gpu_workers", lambda client: False)
-    plain = P.predict(mosaic, files["ckpt"], chunk_size=128, client=object(), **OPTS)
-    monkeypatch.setattr(P, "has_gpu_workers", lambda client: True)
-    gpu = P.predict(mosaic, files["ckpt"], chunk_size=128, client=object(), **OPTS)
-    assert [layer.annotations for layer in _inference_layers(plain.data).values()] == [None]
-    assert [layer.annotations for layer in _inference_layers(gpu.data).values()] == [{"resources": {"GPU": 1}}]
+    monkeypatch.setattr(P, "has_gpu_workers", lambda client: advertised == "GPU")
+    monkeypatch.setattr(P, "inference_resource", lambda client: advertised)
+    whole = P.predict(mosaic, files["ckpt"], chunk_size=128, client=object(), **OPTS)
+    one = P.predict_region(mosaic.data, files["ckpt"], origin=(0, 0), region=(0, 64, 0, 64), client=object(), **OPTS)
+    expected = [None] if advertised is None else [{"resources": {advertised: 1}}]
+    for arr in (whole.data, one):
+        assert [layer.annotations for layer in _inference_layers(arr).values()] == expected
 
 
 def test_inference_tasks_run_only_on_workers_advertising_gpu(files, reference, tmp_path, caplog):

@@ -42,12 +42,10 @@ DEFAULT_IN_FLIGHT = 4
 MAX_TASKS_PER_GRAPH = 200_000
 #: Task counts of a tile's optimized graph per unit (see :func:`estimate_tile`), measured on
 #: the demo region (tests/test_run.py checks the estimate against the real graph).
-TASKS_PER_LOAD_CHUNK = 15  # stackstac selection + mosaic (masks, median, clear count), besides reads
-TASKS_PER_PIECE = 1  # per band: one split of the mosaic per piece when padding and re-chunking it
-TASKS_PER_ARRAY_CHUNK = 2  # merges into inference chunks
-TASKS_PER_BLOCK = 4  # inference block: overlap, predict, trim, crop
+TASKS_PER_LOAD_CHUNK = 1  # stackstac selection of the loaded chunk, besides reads
+TASKS_PER_BAND_AND_CHUNK = 4  # mosaic of one band of a loaded chunk: selection, masks, median, merge
 TASKS_PER_SCENE = 2  # stackstac asset table entries
-TASKS_PER_TILE = 4  # finishing task, its input and the graph's own bookkeeping
+TASKS_PER_TILE = 4  # the mosaic merged into one block, its inference, its write, the graph's result
 #: Default throughput assumptions of the worker-hours estimate.
 DEFAULT_PX_PER_SECOND = 1.0e6  # class-map pixels one worker predicts per second (GPU, ResNet50)
 DEFAULT_READ_MB_PER_SECOND = 100.0  # MB one worker reads per second from object storage
@@ -72,29 +70,19 @@ def bytes_per_pixel(config: RunConfig) -> float:
 def estimate_tile(config: RunConfig, layout: TileLayout, scenes: float) -> TileEstimate:
     """Bytes and tasks of one tile given the number of scenes overlapping it.
 
-    Tasks are counted as the scheduler receives them (the optimized graph of
-    :class:`clc_dask.run.tiles.TileProcessor`): stackstac reads each band of each loaded chunk
-    in one task (all dates), the mosaic adds a fixed number per loaded chunk, padding the
-    mosaic onto the inference chunks splits it into pieces (per band), and each inference
-    block of the tile costs a fixed number.
+    Tasks are counted as the scheduler receives them (the graph of
+    :class:`clc_dask.run.tiles.TileProcessor`, submitted unoptimized): stackstac reads each band
+    of each loaded chunk in one task (all dates), the mosaic adds a fixed number per band and
+    loaded chunk, and the tile's inference and write are one task each.
     """
     bands = len(composite_bands(config.imagery.composite))
     load = layout.load_geobox
     chunk = layout.chunk
-    ys, xs = layout.array_chunks()
-    load_axes = [_regular(load.shape.y, chunk), _regular(load.shape.x, chunk)]
-    pad_before = [layout.before[0] - layout.context, layout.before[1] - layout.context]
-    pad_after = layout.after - layout.context
-    padded = [[p, *c, pad_after] for p, c in zip(pad_before, load_axes, strict=True)]
-    pieces = math.prod(_pieces(p, a) for p, a in zip(padded, (ys, xs), strict=True))
-    padded_chunks = math.prod(len([s for s in p if s]) for p in padded)
-    load_chunks = len(load_axes[0]) * len(load_axes[1])
-    blocks = math.prod(len(_regular(n, chunk)) for n in layout.shape)
+    load_chunks = len(_regular(load.shape.y, chunk)) * len(_regular(load.shape.x, chunk))
     n = math.ceil(scenes) if scenes > 0 else 0
     tasks = 0 if n == 0 else (
-        (bands + 1 + TASKS_PER_LOAD_CHUNK) * load_chunks + TASKS_PER_PIECE * bands * (pieces + padded_chunks)
-        + TASKS_PER_ARRAY_CHUNK * len(ys) * len(xs) + TASKS_PER_BLOCK * blocks + TASKS_PER_SCENE * n
-        + TASKS_PER_TILE)
+        (bands + 1 + TASKS_PER_LOAD_CHUNK + TASKS_PER_BAND_AND_CHUNK * bands) * load_chunks
+        + TASKS_PER_SCENE * n + TASKS_PER_TILE)
     pixels = load.shape.y * load.shape.x
     return TileEstimate(scenes=scenes, pixels_read=pixels, bytes_to_read=scenes * pixels * bytes_per_pixel(config),
                         tasks=int(tasks), pixels_predicted=layout.shape[0] * layout.shape[1])
@@ -102,12 +90,6 @@ def estimate_tile(config: RunConfig, layout: TileLayout, scenes: float) -> TileE
 
 def _regular(n: int, chunk: int) -> list[int]:
     return [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
-
-
-def _pieces(a: Sequence[int], b: Sequence[int]) -> int:
-    """Intervals cut by the chunk boundaries of two chunkings of one axis."""
-    edges = set(np.cumsum([0, *a]).tolist()) | set(np.cumsum([0, *b]).tolist())
-    return len(edges) - 1
 
 
 def season_days(config: RunConfig) -> float:

@@ -42,7 +42,7 @@ from clc_dask.errors import ClcDaskError, OutputError
 from clc_dask.grid import Tile
 from clc_dask.load import load_scenes
 from clc_dask.mosaic import seasonal_mosaic
-from clc_dask.predict import predict
+from clc_dask.predict import predict_region
 from clc_dask.rasters import to_dataarray, write_geotiff
 from clc_dask.run.context import RunContext
 from clc_dask.run.layout import TileLayout
@@ -82,7 +82,11 @@ class TileTask:
 
     layout: TileLayout
     item_ids: list[str]
-    result: Any  # dask Delayed → TileOutput, or None when no scene covers the tile
+    result: da.Array | None  # 1×1 object array holding the TileOutput; None when no scene covers the tile
+
+    def output(self, computed: np.ndarray) -> TileOutput:
+        """The :class:`TileOutput` from the computed ``result`` (a 1×1 object array)."""
+        return computed.item()
 
     def task_count(self) -> int:
         """Tasks in this tile's graph (0 without scenes)."""
@@ -139,6 +143,13 @@ class TileWriter:
         return TileOutput(tile, files, extra, extra_files, hashes)
 
 
+def _write_block(codes: np.ndarray, *, tile: Tile, outside: Geometry | None, writer: TileWriter,
+                 item_ids: Sequence[str]) -> np.ndarray:
+    out = np.empty((1, 1), dtype=object)
+    out[0, 0] = write_class_tile(codes, tile, outside, writer, item_ids)
+    return out
+
+
 def write_class_tile(codes: np.ndarray, tile: Tile, outside: Geometry | None, writer: TileWriter,
                      item_ids: Sequence[str]) -> TileOutput:
     """The tile's class map (no data outside the AOI), written by ``writer``; runs on a worker."""
@@ -192,21 +203,20 @@ class TileProcessor:
                              chunk_size=layout.chunk, gdal=dict(self.config.imagery.gdal) or None)
         mosaic = seasonal_mosaic(scenes, self.checkpoint.composite)["reflectance"]
         mosaic = mosaic.sel(band=list(self.checkpoint.bands))
-        pad = layout.context
-        padding = ((0, 0), (layout.before[0] - pad, layout.after - pad), (layout.before[1] - pad, layout.after - pad))
-        data = da.pad(mosaic.data, padding, mode="constant", constant_values=0)
-        data = data.rechunk(((data.shape[0],), *layout.array_chunks()))
-        arr = to_dataarray(data, layout.array_geobox, band_names=list(self.checkpoint.bands), name="mosaic")
-        model = self.config.model
-        class_map = predict(arr, self.checkpoint.path, halo=model.halo, window=model.window,
-                            batch_size=model.batch_size, device=model.device, chunk_size=None, client=self.client)
+        # the tile's windows in one task, on the run grid's window grid (array origin = its origin)
         (ny, nx), (by, bx) = layout.shape, layout.before
-        codes = class_map.data[by:by + ny, bx:bx + nx]
+        model = self.config.model
+        codes = predict_region(mosaic.data, self.checkpoint.path, origin=(by - layout.context, bx - layout.context),
+                               region=(by, by + ny, bx, bx + nx), halo=model.halo, window=model.window,
+                               batch_size=model.batch_size, device=model.device, client=self.client)
         outside = self._outside_aoi(tile.geobox)
         ids = [i.id for i in items]
-        write = dask.delayed(write_class_tile, pure=True)
-        result = write(codes, tile, outside, self.writer, ids,
-                       dask_key_name=f"write-classes-{tile.name}-{dask.base.tokenize(codes.name, outside, self.writer)}")
+        # the write stays an array operation (not dask.delayed, which would flatten the graph
+        # and drop the inference tasks' resource annotations): one task, the tile in one block
+        result = codes.map_blocks(
+            _write_block, tile=tile, outside=outside, writer=self.writer, item_ids=ids,
+            name=f"write-classes-{tile.name}-{dask.base.tokenize(codes.name, outside, self.writer, ids)}",
+            chunks=((1,), (1,)), dtype=object, meta=np.empty((0, 0), dtype=object))
         return TileTask(layout, ids, result)
 
     def _outside_aoi(self, region: GeoBox) -> Geometry | None:
@@ -230,14 +240,14 @@ class TileProcessor:
         if self.client is None:
             yield from (self._compute_here(t) for t in tiles)
             return
-        yield from flow(self.client, tiles, self._submit, max(1, in_flight))
+        yield from flow(self.client, tiles, self._submit, max(1, in_flight), unpack=np.ndarray.item)
 
     def _compute_here(self, tile: Tile) -> TileOutput | TileFailure:
         task = self.build(tile)
         if task.result is None:
             return self._empty(tile)
         try:
-            return dask.compute(task.result)[0]
+            return task.output(dask.compute(task.result)[0])
         except Exception as exc:  # reported per tile; the run raises at the end
             return TileFailure(tile, exc)
 
@@ -246,7 +256,9 @@ class TileProcessor:
         task = self.build(tile)
         if task.result is None:
             return self._empty(tile)
-        return self.client.compute(task.result)
+        # unoptimized: the graph is lean already, and fusing would hand the inference task's
+        # GPU / inference-slot annotation to the write (or the mosaic) it is fused with
+        return self.client.compute(task.result, optimize_graph=False)
 
     def _empty(self, tile: Tile) -> TileOutput:
         log.warning("tile %s: no scene of the season overlaps it; it is written as no data", tile.name)
@@ -262,16 +274,17 @@ class TileProcessor:
 
 
 def flow(client: Any, tiles: Sequence[Tile], submit: Callable[[Tile], Any],
-         in_flight: int) -> Iterator[TileOutput | TileFailure]:
+         in_flight: int, unpack: Callable[[Any], TileOutput] | None = None) -> Iterator[TileOutput | TileFailure]:
     """Keep at most ``in_flight`` tiles on the cluster; yield each result as it arrives.
 
-    ``submit(tile)`` returns a future, or a finished result for tiles with nothing to compute.
+    ``submit(tile)`` returns a future, or a finished result for tiles with nothing to compute;
+    ``unpack`` turns a future's value into the :class:`TileOutput` (default: it is one).
     """
     queue = list(tiles)
     tile_of: dict[str, tuple[Tile, Any]] = {}
     running = as_completed([], loop=client.loop)
     try:
-        yield from _drain(client, queue, tile_of, running, submit, in_flight)
+        yield from _drain(client, queue, tile_of, running, submit, in_flight, unpack or (lambda value: value))
     finally:  # stopped early (an error, a signal): nothing keeps computing for nobody
         if client.status == "running":
             client.cancel([future for _, future in tile_of.values()])
@@ -293,7 +306,8 @@ def _scheduler_lost_error(client: Any, error: BaseException) -> ClcDaskError:
 
 
 def _drain(client: Any, queue: list[Tile], tile_of: dict[str, tuple[Tile, Any]], running: Any,
-           submit: Callable[[Tile], Any], in_flight: int) -> Iterator[TileOutput | TileFailure]:
+           submit: Callable[[Tile], Any], in_flight: int,
+           unpack: Callable[[Any], TileOutput]) -> Iterator[TileOutput | TileFailure]:
     while queue or running.count():
         while queue and running.count() < in_flight:
             tile = queue.pop(0)
@@ -312,7 +326,7 @@ def _drain(client: Any, queue: list[Tile], tile_of: dict[str, tuple[Tile, Any]],
         future = next(running)
         tile, _ = tile_of.pop(future.key)
         try:
-            result = future.result()
+            result = unpack(future.result())
         except Exception as exc:
             if scheduler_lost(client, exc):  # every other tile would fail the same way: stop now
                 raise _scheduler_lost_error(client, exc) from exc
