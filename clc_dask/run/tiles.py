@@ -257,8 +257,11 @@ class TileProcessor:
         if task.result is None:
             return self._empty(tile)
         # unoptimized: the graph is lean already, and fusing would hand the inference task's
-        # GPU / inference-slot annotation to the write (or the mosaic) it is fused with
-        return self.client.compute(task.result, optimize_graph=False)
+        # GPU / inference-slot annotation to the write (or the mosaic) it is fused with.
+        # fifo_timeout=0: each tile is its own generation, so the scheduler finishes the tiles
+        # in the order they were submitted (with the default, tiles submitted within a minute
+        # share one and their reads interleave: the first inference waits for every read).
+        return self.client.compute(task.result, optimize_graph=False, fifo_timeout=0)
 
     def _empty(self, tile: Tile) -> TileOutput:
         log.warning("tile %s: no scene of the season overlaps it; it is written as no data", tile.name)
