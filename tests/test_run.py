@@ -502,8 +502,10 @@ def _busy_intervals(stream: list[dict], inference: bool) -> list[tuple[float, fl
             for s in task["startstops"] if s["action"] == "compute"]
 
 
-def _most_at_once(intervals: list[tuple[float, float]]) -> int:
-    events = sorted([(start, 1) for start, _ in intervals] + [(stop, -1) for _, stop in intervals])
+def _most_at_once(intervals: list[tuple[float, float]], handover: float = 0.01) -> int:
+    """Most intervals running at once; a task stamped as starting within ``handover`` seconds
+    before the previous one's stop stamp is a hand-over (each thread stamps its own times)."""
+    events = sorted([(start + handover, 1) for start, _ in intervals] + [(stop, -1) for _, stop in intervals])
     running = most = 0
     for _, step in events:
         running += step
