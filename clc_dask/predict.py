@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -56,7 +57,7 @@ from dask.base import tokenize
 from odc.geo.geobox import GeoBox
 
 from clc_dask.classes import NODATA_CODE, ClassTable, colormap
-from clc_dask.cluster import GPU_RESOURCE, has_gpu_workers, inference_resource
+from clc_dask.cluster import GPU_RESOURCE, inference_resource
 from clc_dask.errors import CheckpointError, ConfigError, InputError, OutputError
 from clc_dask.grid import DEFAULT_TILE_SIZE, TileGrid
 from clc_dask.model import Checkpoint, Normalization, load_checkpoint
@@ -446,9 +447,8 @@ def predict(
     """
     grid = check_options(window, halo, batch_size, chunk_size)
     client = client if client is not None else _current_client()
-    gpu_cluster = client is not None and has_gpu_workers(client)
-    device = _check_device(device, gpu_cluster)
-    resource = inference_resource(client) if client is not None else None
+    resource = inference_resource(client)
+    device = _check_device(device, resource == GPU_RESOURCE)
     path = Path(checkpoint).resolve()
     ckpt, sha256 = _checkpoint_header(path)
     mosaic = _checked_mosaic(mosaic, ckpt.bands)
@@ -514,8 +514,8 @@ def predict_region(
     """
     grid = check_options(window, halo, batch_size, None)
     client = client if client is not None else _current_client()
-    device = _check_device(device, client is not None and has_gpu_workers(client))
-    resource = inference_resource(client) if client is not None else None
+    resource = inference_resource(client)
+    device = _check_device(device, resource == GPU_RESOURCE)
     path = Path(checkpoint).resolve()
     ckpt, sha256 = _checkpoint_header(path)
     if data.ndim != 3 or data.shape[0] != len(ckpt.bands):
@@ -598,32 +598,27 @@ def _stacked_prediction(mosaic: xr.DataArray, grid: WindowGrid, chunk_size: int 
     return stacked[:, : mosaic.sizes["y"], : mosaic.sizes["x"]].rechunk((layers, *out_chunks))
 
 
-_HEADERS: dict[tuple[str, int, int, int], tuple[Checkpoint, str]] = {}
-_HEADERS_LOCK = threading.Lock()
-
-
 def _checkpoint_header(path: Path) -> tuple[Checkpoint, str]:
     """The checkpoint's metadata and SHA-256, read once per process and file version (path,
     inode, size, mtime): a run planning thousands of tiles reads and hashes its checkpoint once.
     (Workers still check the hash before using the file.)"""
     try:
         stat = path.stat()
-    except OSError:
-        stat = None
-    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns) if stat is not None else None
-    with _HEADERS_LOCK:
-        if key is not None and key in _HEADERS:
-            return _HEADERS[key]
-    ckpt = load_checkpoint(path)  # raises the clear error for a missing or unreadable file
+    except OSError:  # load_checkpoint raises the clear error for a missing or unreadable file
+        return _read_checkpoint_header(str(path))
+    return _cached_checkpoint_header(str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _cached_checkpoint_header(path: str, inode: int, size: int, mtime_ns: int) -> tuple[Checkpoint, str]:
+    return _read_checkpoint_header(path)
+
+
+def _read_checkpoint_header(path: str) -> tuple[Checkpoint, str]:
+    ckpt = load_checkpoint(path)
     # the weights stay on disk (workers load them); the client keeps what planning needs
-    header = (dataclasses.replace(ckpt, state_dict={}, optimizer_state=None, rng_state=None, history=[]),
-              file_sha256(path))
-    with _HEADERS_LOCK:
-        if key is not None:
-            if len(_HEADERS) >= _CACHE_SIZE:
-                _HEADERS.pop(next(iter(_HEADERS)))
-            _HEADERS[key] = header
-    return header
+    return (dataclasses.replace(ckpt, state_dict={}, optimizer_state=None, rng_state=None, history=[]),
+            file_sha256(path))
 
 
 def _current_client() -> Any:

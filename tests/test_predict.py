@@ -205,7 +205,6 @@ def _inference_layers(arr):
 @pytest.mark.parametrize("advertised", [None, "GPU", "inference"])
 def test_inference_tasks_need_the_resource_workers_advertise(files, monkeypatch, advertised):
     mosaic = open_raster(files["mosaic"], chunks=128)
-    monkeypatch.setattr(P, "has_gpu_workers", lambda client: advertised == "GPU")
     monkeypatch.setattr(P, "inference_resource", lambda client: advertised)
     whole = P.predict(mosaic, files["ckpt"], chunk_size=128, client=object(), **OPTS)
     one = P.predict_region(mosaic.data, files["ckpt"], origin=(0, 0), region=(0, 64, 0, 64), client=object(), **OPTS)

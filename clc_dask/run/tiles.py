@@ -84,7 +84,8 @@ class TileTask:
     item_ids: list[str]
     result: da.Array | None  # 1×1 object array holding the TileOutput; None when no scene covers the tile
 
-    def output(self, computed: np.ndarray) -> TileOutput:
+    @staticmethod
+    def output(computed: np.ndarray) -> TileOutput:
         """The :class:`TileOutput` from the computed ``result`` (a 1×1 object array)."""
         return computed.item()
 
@@ -240,14 +241,14 @@ class TileProcessor:
         if self.client is None:
             yield from (self._compute_here(t) for t in tiles)
             return
-        yield from flow(self.client, tiles, self._submit, max(1, in_flight), unpack=np.ndarray.item)
+        yield from flow(self.client, tiles, self._submit, max(1, in_flight), unpack=TileTask.output)
 
     def _compute_here(self, tile: Tile) -> TileOutput | TileFailure:
         task = self.build(tile)
         if task.result is None:
             return self._empty(tile)
         try:
-            return task.output(dask.compute(task.result)[0])
+            return TileTask.output(dask.compute(task.result)[0])
         except Exception as exc:  # reported per tile; the run raises at the end
             return TileFailure(tile, exc)
 
