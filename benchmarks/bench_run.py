@@ -108,7 +108,7 @@ def stages(ctx, client: Client) -> dict[str, float]:
     started = time.perf_counter()
     mosaics = []
     for layout in layouts:
-        scenes = load_scenes(list(ctx.items), layout.load_geobox, bands=list(BANDS), chunk_size=layout.chunk)
+        scenes = load_scenes(list(ctx.items), layout.load_geobox, bands=list(BANDS), chunk_size=layout.load_chunks)
         mosaics.append(seasonal_mosaic(scenes, "nrg")["reflectance"].sel(band=list(BANDS)))
     mosaics = client.persist(mosaics)
     dask.distributed.wait(mosaics)

@@ -504,7 +504,7 @@ def load_scenes(
     resolution: float | None = None,
     bounds: tuple[float, float, float, float] | None = None,
     bands: Sequence[str] = CANONICAL_BANDS,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | tuple[int, int] = DEFAULT_CHUNK_SIZE,
     gdal: LayeredEnv | Mapping[str, object] | None = None,
     retries: int = 3,
     retry_delay: float = 1.0,
@@ -523,9 +523,10 @@ def load_scenes(
         resolution: pixel size in metres when no ``geobox`` is given.
         bounds: extent in ``epsg`` coordinates when no ``geobox`` is given.
         bands: reflectance bands to load (``B02 B03 B04 B08``); ``SCL`` is always added last.
-        chunk_size: spatial chunk edge in pixels (time and band chunks are whole dates / one
-            band). Larger chunks mean fewer tasks but more memory per task
-            (dates × chunk_size² × 2 bytes per band).
+        chunk_size: spatial chunk edge in pixels, or (rows, cols) (time and band chunks are
+            whole dates / one band). Larger chunks mean fewer tasks but more memory per task
+            (dates × chunk_size² × 2 bytes per band); each chunk opens and decodes every
+            scene's blocks under it.
         gdal: GDAL options: a :class:`~stackstac.LayeredEnv`, or overrides for
             :func:`clc_dask.gdalenv.gdal_env` (e.g. ``{"GDAL_DISABLE_READDIR_ON_OPEN": "NO"}``).
         retries: attempts after a transient read failure (HTTP 429/5xx that outlasted GDAL's
@@ -561,7 +562,8 @@ def load_scenes(
         raise InputError("No items to load: the search returned nothing (relax its filters).")
     if chunksize is not None:
         chunk_size = chunksize
-    if chunk_size <= 0:
+    chunk_rows, chunk_cols = (chunk_size, chunk_size) if isinstance(chunk_size, int) else chunk_size
+    if min(chunk_rows, chunk_cols) <= 0:
         raise ConfigError(f"`chunk_size` must be a positive number of pixels, not {chunk_size}.")
     if not warp_tolerance >= 0:
         raise ConfigError(f"`warp_tolerance` must be 0 (exact) or a positive number of source "
@@ -588,7 +590,7 @@ def load_scenes(
             bounds=(left, bottom, right, top),
             snap_bounds=False,
             resampling=Resampling.nearest,
-            chunksize=(-1, 1, chunk_size, chunk_size),
+            chunksize=(-1, 1, chunk_rows, chunk_cols),
             dtype=np.dtype("uint16"),
             fill_value=np.uint16(0),
             rescale=False,

@@ -7,6 +7,7 @@ a ResNet18 U-Net of random seeded weights (deterministic given the weights), 1â€
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -161,6 +162,11 @@ def test_tile_layout_puts_the_array_origin_on_the_window_grid(root, region):
         assert round(row) % WINDOW == 0 and round(col) % WINDOW == 0, tile.name  # same windows as one big map
         ys, xs = layout.array_chunks()
         assert (sum(ys), sum(xs)) == (arr.shape.y, arr.shape.x)
+        # the scenes are loaded in as many chunks as the tile has: no chunk of context alone
+        load = layout.load_geobox.shape
+        for n, loaded, chunk in zip(tile.geobox.shape, load, layout.load_chunks, strict=True):
+            assert math.ceil(loaded / chunk) == math.ceil(n / 128), tile.name  # config chunk_size: 128
+            assert chunk <= 128 + 2 * HALO
         assert layout.load_geobox.shape.x == tile.geobox.shape.x + 2 * HALO
         by, bx = layout.before
         assert arr[by:by + tile.geobox.shape.y, bx:bx + tile.geobox.shape.x] == tile.geobox

@@ -68,6 +68,20 @@ class TileLayout:
         by, bx = self.before
         return big[pad - by: pad + ny + self.after, pad - bx: pad + nx + self.after]
 
+    @property
+    def load_chunks(self) -> tuple[int, int]:
+        """(rows, cols) chunk of the loaded scenes (px): along each axis as many chunks as the
+        tile has, each grown to take its share of the context.
+
+        Chunks of ``chunk`` px would leave slivers of context alone in their own chunks, and
+        every chunk opens and decodes each scene's blocks under it again: with 1024 px tiles
+        and chunks, 64 px of context per side made 4 reads of each asset instead of 1 and
+        nearly doubled the mosaic's CPU time (``benchmarks/bench_run.py``).
+        """
+        load = self.load_geobox.shape
+        rows, cols = (math.ceil(n / math.ceil(t / self.chunk)) for n, t in zip((load.y, load.x), self.shape, strict=True))
+        return rows, cols
+
     def array_chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Chunks of the inference array: padding, the tile's chunks, padding."""
         out = []

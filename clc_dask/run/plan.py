@@ -77,8 +77,8 @@ def estimate_tile(config: RunConfig, layout: TileLayout, scenes: float) -> TileE
     """
     bands = len(composite_bands(config.imagery.composite))
     load = layout.load_geobox
-    chunk = layout.chunk
-    load_chunks = len(_regular(load.shape.y, chunk)) * len(_regular(load.shape.x, chunk))
+    rows, cols = layout.load_chunks
+    load_chunks = len(_regular(load.shape.y, rows)) * len(_regular(load.shape.x, cols))
     n = math.ceil(scenes) if scenes > 0 else 0
     tasks = 0 if n == 0 else (
         (bands + 1 + TASKS_PER_LOAD_CHUNK + TASKS_PER_BAND_AND_CHUNK * bands) * load_chunks

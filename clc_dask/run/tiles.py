@@ -201,7 +201,7 @@ class TileProcessor:
         if not items:
             return TileTask(layout, [], None)
         scenes = load_scenes(items, layout.load_geobox, bands=list(self.checkpoint.bands),
-                             chunk_size=layout.chunk, gdal=dict(self.config.imagery.gdal) or None)
+                             chunk_size=layout.load_chunks, gdal=dict(self.config.imagery.gdal) or None)
         mosaic = seasonal_mosaic(scenes, self.checkpoint.composite)["reflectance"]
         mosaic = mosaic.sel(band=list(self.checkpoint.bands))
         # the tile's windows in one task, on the run grid's window grid (array origin = its origin)
