@@ -17,13 +17,18 @@ meanwhile — the layout of a GPU worker, whose GPU runs inference while its CPU
 COG/STAC servers run in their own process (the data lives elsewhere in a real run: they must
 not share the client's interpreter with the scheduler).
 
+Each worker process is pinned to a core of its own (all its threads; ``--no-pin`` to let them
+share), as each worker of a cluster has a machine of its own: on this 2-core machine a worker
+that may use both cores is the whole machine, and a second worker could add nothing. The client,
+the scheduler and the servers are not pinned (with 1 worker they have the other core).
+
 Reported for 1 and 2 workers: tiles per hour of the run and of each stage
 alone, the run's throughput over its slowest stage's and over all stages done one after
 another (what a run with barriers between stages takes), the client's CPU seconds per tile, the workers' idle fraction during
 the run (1 − busy thread time / (wall time × threads), from the task stream), and the speed-up
 of 2 workers over 1. Needs both cores free.
 
-    python benchmarks/bench_run.py --workdir /tmp/bench-run [--size 4096] [--tile 1024]
+    python benchmarks/bench_run.py --workdir /tmp/bench-run [--size 4096] [--tile 1024] [--no-pin]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import resource
 import shutil
 import time
@@ -100,6 +106,26 @@ def idle_fraction(stream: list[dict], seconds: float, threads: int, prefix: str 
     return max(0.0, 1.0 - busy / (seconds * threads))
 
 
+def pin_this_process(core: int) -> None:
+    """Run every thread of this process, and the threads they start, on ``core`` only."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), {core})
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+
+
+def pin_workers(client: Client) -> list[int]:
+    """Pin each worker process to a core of its own; the cores used (none if too few cores)."""
+    cores = sorted(os.sched_getaffinity(0))
+    workers = sorted(client.scheduler_info()["workers"])
+    if len(workers) > len(cores):
+        return []
+    for address, core in zip(workers, cores, strict=False):
+        client.run(pin_this_process, core, workers=[address])
+    return cores[: len(workers)]
+
+
 def stages(ctx, client: Client) -> dict[str, float]:
     """Each stage of the run alone, for the same tiles, on ``client``'s workers (seconds)."""
     processor = TileProcessor(ctx, client=client)
@@ -141,6 +167,18 @@ def stages(ctx, client: Client) -> dict[str, float]:
     return out
 
 
+def _tasks_held(dask_scheduler) -> int:
+    return len(dask_scheduler.tasks)
+
+
+def wait_until_released(client: Client, timeout: float = 30.0) -> None:
+    """Wait until the scheduler has forgotten every result (closing a cluster that still holds
+    results logs that they are lost)."""
+    deadline = time.monotonic() + timeout
+    while client.run_on_scheduler(_tasks_held) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def measure(args: argparse.Namespace, region, servers, workers: int) -> dict[str, float]:
     root = Path(args.workdir) / f"w{workers}"
     shutil.rmtree(root, ignore_errors=True)
@@ -151,6 +189,7 @@ def measure(args: argparse.Namespace, region, servers, workers: int) -> dict[str
     with get_client(kind="local", n_workers=workers, threads_per_worker=THREADS_PER_WORKER,
                     inference_slots=INFERENCE_SLOTS, dashboard_address=None) as client:
         client.run(lambda: torch.set_num_threads(1))
+        pinned = pin_workers(client) if args.pin else []
         # warm the workers (model loads, imports) on a throw-away run of one tile
         warm = config.model_copy(update={"output": config.output.model_copy(update={"store": str(root / "warm")})})
         execute_run(warm, tile_names=["1_1"], client=client)
@@ -166,11 +205,12 @@ def measure(args: argparse.Namespace, region, servers, workers: int) -> dict[str
         ctx = resolve_run(config.model_copy(update={"output": config.output.model_copy(
             update={"store": str(root / "stages")})}))
         alone = stages(ctx, client)
+        wait_until_released(client)
         client.cluster.close()
     client_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     slowest = max(alone, key=alone.get)
     return {
-        "workers": workers, "tiles": tiles, "run_seconds": round(seconds, 1),
+        "workers": workers, "worker_cores": pinned or "shared", "tiles": tiles, "run_seconds": round(seconds, 1),
         "run_tiles_per_hour": round(tiles / seconds * 3600, 1),
         **{f"{k}_seconds_alone": round(v, 1) for k, v in alone.items()},
         **{f"{k}_tiles_per_hour_alone": round(tiles / v * 3600, 1) for k, v in alone.items()},
@@ -197,6 +237,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="let the workers share every core (default: one core per worker)")
     args = parser.parse_args()
     region = build_region(Path(args.workdir) / "region", size=args.size, seed=0)
     results = []

@@ -69,6 +69,18 @@ def test_small_unaligned_chunks_equal_the_whole_read(twm_items, whole):
     np.testing.assert_array_equal(chunked.values, values)
 
 
+def test_rectangular_chunks_equal_the_whole_read(twm_items, whole):
+    gbox, values = whole
+    chunked = _load(twm_items, gbox, chunk_size=(CHUNK, 2 * CHUNK + 5))
+    assert chunked.data.chunks[2][0] == CHUNK and chunked.data.chunks[3][0] == 2 * CHUNK + 5
+    np.testing.assert_array_equal(chunked.values, values)
+
+
+def test_a_chunk_of_no_pixels_is_a_clear_error(twm_items, whole):
+    with pytest.raises(ConfigError, match="chunk_size"):
+        _load(twm_items, whole[0], chunk_size=(CHUNK, 0))
+
+
 def test_the_approximate_transformer_would_leave_seams(twm_items, whole):
     """The control: GDAL's default 0.125 px approximation makes tiles differ from the whole
     grid wherever the grid is reprojected (which is why reads are exact)."""
