@@ -496,6 +496,23 @@ def _reason(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def _chunk_shape(chunk_size: int | tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of a chunk given as one edge or a pair, both positive (px)."""
+    if isinstance(chunk_size, int | np.integer):
+        pair: tuple[int, ...] = (int(chunk_size), int(chunk_size))
+    elif isinstance(chunk_size, str):
+        pair = ()
+    else:
+        try:
+            pair = tuple(int(c) for c in chunk_size)
+        except (TypeError, ValueError):
+            pair = ()
+    if len(pair) != 2 or min(pair) <= 0:
+        raise ConfigError(f"`chunk_size` must be a positive number of pixels or a (rows, cols) pair of them, "
+                          f"not {chunk_size!r}.")
+    return pair[0], pair[1]
+
+
 def load_scenes(
     items: Sequence[pystac.Item],
     geobox: GeoBox | None = None,
@@ -562,9 +579,7 @@ def load_scenes(
         raise InputError("No items to load: the search returned nothing (relax its filters).")
     if chunksize is not None:
         chunk_size = chunksize
-    chunk_rows, chunk_cols = (chunk_size, chunk_size) if isinstance(chunk_size, int) else chunk_size
-    if min(chunk_rows, chunk_cols) <= 0:
-        raise ConfigError(f"`chunk_size` must be a positive number of pixels, not {chunk_size}.")
+    chunk_rows, chunk_cols = _chunk_shape(chunk_size)
     if not warp_tolerance >= 0:
         raise ConfigError(f"`warp_tolerance` must be 0 (exact) or a positive number of source "
                           f"pixels, not {warp_tolerance}.")

@@ -77,8 +77,10 @@ def test_rectangular_chunks_equal_the_whole_read(twm_items, whole):
 
 
 def test_a_chunk_of_no_pixels_is_a_clear_error(twm_items, whole):
-    with pytest.raises(ConfigError, match="chunk_size"):
-        _load(twm_items, whole[0], chunk_size=(CHUNK, 0))
+    for bad in [(CHUNK, 0), 0, (CHUNK,), "12", (CHUNK, "wide")]:
+        with pytest.raises(ConfigError, match="chunk_size"):
+            _load(twm_items, whole[0], chunk_size=bad)
+    assert _load(twm_items, whole[0], chunk_size=np.int64(CHUNK)).data.chunks[2][0] == CHUNK
 
 
 def test_the_approximate_transformer_would_leave_seams(twm_items, whole):

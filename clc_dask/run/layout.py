@@ -79,7 +79,8 @@ class TileLayout:
         nearly doubled the mosaic's CPU time (``benchmarks/bench_run.py``).
         """
         load = self.load_geobox.shape
-        rows, cols = (math.ceil(n / math.ceil(t / self.chunk)) for n, t in zip((load.y, load.x), self.shape, strict=True))
+        rows, cols = ((math.ceil(loaded / math.ceil(inside / self.chunk)))
+                      for loaded, inside in zip((load.y, load.x), self.shape, strict=True))
         return rows, cols
 
     def array_chunks(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
