@@ -79,7 +79,7 @@ class TileLayout:
         nearly doubled the mosaic's CPU time (``benchmarks/bench_run.py``).
         """
         load = self.load_geobox.shape
-        rows, cols = ((math.ceil(loaded / math.ceil(inside / self.chunk)))
+        rows, cols = (math.ceil(loaded / math.ceil(inside / self.chunk))
                       for loaded, inside in zip((load.y, load.x), self.shape, strict=True))
         return rows, cols
 
